@@ -1,0 +1,310 @@
+"""Token-level distillation of a frozen ZeRO-3 teacher into a ZeRO-3 student (plain LM training with teacher=null).
+
+    deepspeed --num_gpus 8 -m minima.distill llama2_7b_to_3b teacher.path=/models/Llama-2-7b-hf data.dir=/data/mix
+    torchrun --nproc_per_node 8 -m minima.distill RECIPE [key=value ...]
+    python -m minima.distill tiny_cpu [key=value ...]           # a world of one
+    python -m minima.distill RECIPE [key=value ...] --dry-run   # print the resolved config and derived values
+
+The step, top to bottom: draw the step's micro-batches; count their valid tokens over all ranks; for each micro-batch,
+teacher forward under no_grad, student forward, loss sums, backward scaled once by the global count, engine step;
+then log, evaluate, checkpoint. At the end: evaluation, a final checkpoint and the Hugging Face export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from minima.config import Config, ConfigError, KDConfig, derive, load_config, load_ds_config, recipe_names
+from minima.data import IGNORE_INDEX, Batch, TokenShards, TokenWindowLoader, eval_batches
+from minima.dist import World, all_reduce_max, all_reduce_sum, init_world, shutdown
+from minima.losses import distill_loss_sums
+from minima.models import check_vocab, choose_attn_implementation, count_params, hf_config
+from minima.monitor import Monitor, peak_flops, peak_memory_gb, setup_logging
+
+# torch.distributed deprecations raised from inside DeepSpeed on every collective: not actionable here.
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minima.distill", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help=f"a recipe YAML path or one of {recipe_names()}")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=1e-3 teacher=null")
+    parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and stop")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+    except ConfigError as e:
+        print(f"minima: config error: {e}", file=sys.stderr)
+        return 2
+    world = init_world()
+    try:
+        train(cfg, world, dry_run=args.dry_run)
+    except ConfigError as e:
+        print(f"minima: config error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    return 0
+
+
+def train(cfg: Config, world: World, *, dry_run: bool = False) -> dict:
+    """Run (or resume) one training job; returns the final metrics written to <out_dir>/metrics.json."""
+    from minima import engine as ds  # the only module that imports deepspeed
+
+    out_dir = Path(cfg.run.out_dir)
+    log = setup_logging(None if dry_run else out_dir, world.is_main)
+    derived = derive(cfg, world.world_size)
+
+    # Everything that can be wrong with the input is checked here, before any model is built.
+    data_dir = Path(cfg.data.dir)
+    verify = {"verify_checksums": cfg.data.verify_checksums, "rank": world.rank, "world_size": world.world_size}
+    train_shards = TokenShards.open(data_dir / "train", **verify)
+    valid_shards = TokenShards.open(data_dir / "valid", **verify)
+    tokenizer_dir, vocab_len = data_dir / "tokenizer", train_shards.vocab_size
+    arch_defaults = {"vocab_size": vocab_len, "bos_token_id": train_shards.bos_id, "eos_token_id": train_shards.eos_id}
+    student_hf = hf_config(cfg.student, "student", arch_defaults)
+    check_vocab("student", cfg.student, student_hf, tokenizer_dir, vocab_len)
+    teacher_hf = None
+    if cfg.teacher is not None:
+        teacher_hf = hf_config(cfg.teacher, "teacher", arch_defaults)
+        check_vocab("teacher", cfg.teacher, teacher_hf, tokenizer_dir, vocab_len)
+    bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and world.device.type == "cuda")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    attn = choose_attn_implementation(cfg.run.attn_implementation, world.device)
+    student_ds, teacher_ds = ds.ds_configs(
+        cfg,
+        derived,
+        load_ds_config(cfg.run.ds_config, "run.ds_config"),
+        load_ds_config(cfg.run.teacher_ds_config, "run.teacher_ds_config"),
+        bf16,
+    )
+    resolved = {
+        "config": cfg.to_dict(),
+        "derived": vars(derived),
+        "runtime": {"dtype": str(dtype), "attn_implementation": attn, "device": str(world.device)},
+        "student_ds_config": student_ds,
+        "teacher_ds_config": teacher_ds,
+    }
+    if world.is_main:
+        print(json.dumps(resolved, indent=2, default=str), file=sys.stderr)
+    if dry_run:
+        return resolved
+    if world.is_main:
+        (out_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+    log.info(
+        f"{derived.world_size} ranks x {cfg.run.micro_batch_size} x {cfg.data.seq_len} tokens x"
+        f" {derived.grad_accum_steps} accumulation = {derived.tokens_per_step} tokens/step;"
+        f" {derived.total_steps} steps = {derived.total_tokens} tokens; warmup {derived.warmup_steps} steps"
+    )
+    if cfg.teacher is None:
+        log.info("teacher: null -> plain language-model training, loss = CE on the next token")
+
+    # The teacher first, in its own ZeRO-3 scope, then the student in its own. Same loading function for both.
+    torch.manual_seed(cfg.run.seed)
+    teacher = None
+    if cfg.teacher is not None:
+        teacher_model = ds.load_model(cfg.teacher, teacher_hf, teacher_ds, dtype=dtype, attn_implementation=attn)
+        teacher = ds.init_teacher(teacher_model, teacher_ds)
+    student_model = ds.load_model(cfg.student, student_hf, student_ds, dtype=dtype, attn_implementation=attn)
+    student = ds.init_student(student_model, cfg, derived, student_ds)
+    n_student = count_params(student.module)
+    n_teacher = count_params(teacher.module) if teacher is not None else 0
+    flops_per_token = 6 * n_student + 2 * n_teacher  # forward+backward of the student, forward of the teacher
+    log.info(f"student {n_student / 1e6:.2f}M params (without input embedding), teacher {n_teacher / 1e6:.2f}M")
+
+    loader = TokenWindowLoader(
+        train_shards,
+        seq_len=cfg.data.seq_len,
+        micro_batch_size=cfg.run.micro_batch_size,
+        rank=world.rank,
+        world_size=world.world_size,
+        seed=cfg.data.seed,
+    )
+    step, tokens_seen, teacher_val_loss = 0, 0, None
+    ckpt_root = out_dir / "checkpoints"
+    resume_from = ds.find_checkpoint(out_dir, cfg.run.resume)
+    if resume_from is not None:
+        state = ds.load_checkpoint(student, resume_from)
+        loader.load_state_dict(state["loader"])
+        step, tokens_seen, teacher_val_loss = state["step"], state["tokens_seen"], state["teacher_val_loss"]
+        log.info(f"resumed from {resume_from} at step {step} ({tokens_seen} tokens)")
+
+    monitor = Monitor(out_dir, is_main=world.is_main, total_steps=derived.total_steps, start_step=step)
+    eval_windows = cfg.run.eval_tokens // cfg.data.seq_len or None
+
+    def evaluate(model) -> tuple[float, float]:
+        loss = held_out_loss(model, valid_shards, cfg, world, eval_windows)
+        return loss, math.exp(min(loss, 700.0))  # perplexity = exp(loss in nats)
+
+    if teacher is not None and teacher_val_loss is None:
+        teacher_val_loss, teacher_ppl = evaluate(teacher)
+        monitor.scalars(step, {"val/teacher_loss": teacher_val_loss, "val/teacher_ppl": teacher_ppl})
+
+    stop = _StopFlag()  # SIGTERM/SIGUSR1 (e.g. SLURM pre-emption): checkpoint at the next step boundary, then leave
+    peak = peak_flops(world.device)
+    window = torch.zeros(5, dtype=torch.float64)  # loss, ce, kd, top1 agreement, valid tokens since the last log
+    t_window, steps_in_window = time.perf_counter(), 0
+    val_loss = val_ppl = None
+    while step < derived.total_steps:
+        micro_batches = [next(loader) for _ in range(derived.grad_accum_steps)]
+        window += train_step(student, teacher, micro_batches, cfg.kd, vocab_size=vocab_len, world=world)
+        step += 1
+        steps_in_window += 1
+        tokens_seen += derived.tokens_per_step
+        monitor.advance()
+
+        last = step == derived.total_steps
+        if step % cfg.run.log_every == 0 or last:
+            total = all_reduce_sum(window, world.device).cpu()
+            dt = time.perf_counter() - t_window
+            tokens_per_s = steps_in_window * derived.tokens_per_step / dt
+            scalars = {
+                "train/loss": total[0].item() / total[4].item(),
+                "train/ce_loss": total[1].item() / total[4].item(),
+                "train/kd_loss": total[2].item() / total[4].item(),
+                "train/lr": student.get_lr()[0],
+                "train/grad_norm": float(student.get_global_grad_norm() or 0.0),
+                "train/tokens_seen": tokens_seen,
+                "perf/tokens_per_s": tokens_per_s,
+                "perf/peak_memory_gb": all_reduce_max(peak_memory_gb(world.device), world.device),
+            }
+            if teacher is not None:
+                scalars["train/top1_agreement"] = total[3].item() / total[4].item()
+            else:
+                del scalars["train/kd_loss"]
+            if peak is not None:
+                scalars["perf/mfu"] = flops_per_token * tokens_per_s / (world.world_size * peak)
+            monitor.scalars(step, scalars, show=("train/loss", "perf/tokens_per_s"))
+            window.zero_()
+            t_window, steps_in_window = time.perf_counter(), 0
+
+        if last or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
+            val_loss, val_ppl = evaluate(student)
+            monitor.scalars(step, {"val/loss": val_loss, "val/ppl": val_ppl})
+
+        stopping = all_reduce_max(float(stop.requested), world.device) > 0
+        if last or stopping or (cfg.run.save_every and step % cfg.run.save_every == 0):
+            state = {
+                "step": step,
+                "tokens_seen": tokens_seen,
+                "loader": loader.state_dict(),
+                "teacher_val_loss": teacher_val_loss,
+                "config": cfg.to_dict(),
+            }
+            path = ds.save_checkpoint(
+                student, ckpt_root, step, state, keep_last=cfg.run.keep_last, is_main=world.is_main
+            )
+            log.info(f"checkpoint {path}")
+        if stopping:
+            log.warning(f"stop requested by signal: checkpoint at step {step} saved; resume with run.resume=auto")
+            monitor.close()
+            return {"stopped_at_step": step}
+
+    if val_loss is None:  # resumed after the last step: evaluate the final weights once more
+        val_loss, val_ppl = evaluate(student)
+    export_dir = out_dir / "export"
+    ds.export_hf(student, export_dir, tokenizer_dir, is_main=world.is_main)
+    log.info(f"exported the student (Hugging Face format) to {export_dir}")
+    metrics = {
+        "step": step,
+        "tokens_seen": tokens_seen,
+        "val_loss": val_loss,
+        "val_ppl": val_ppl,
+        "teacher_val_loss": teacher_val_loss,
+        "student_params": n_student,
+        "teacher_params": n_teacher,
+        "export_dir": str(export_dir),
+        "tensorboard_dir": str(monitor.tensorboard_dir),
+    }
+    if world.is_main:
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    monitor.close()
+    return metrics
+
+
+def train_step(
+    student, teacher, micro_batches: list[Batch], kd: KDConfig, *, vocab_size: int, world: World
+) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches; returns (loss, ce, kd, top1 agreement, valid tokens) sums.
+
+    ``student`` is the DeepSpeed engine (it updates at the accumulation boundary, after the last micro-batch);
+    ``teacher`` is the frozen inference engine or None.
+    """
+    # Normalise once. The step's gradient must be that of  sum_{ranks, micro-batches} loss_sum / N  with N the valid
+    # tokens of the whole step (all micro-batches, all ranks), as for one full batch. DeepSpeed averages gradients
+    # over ranks (divides by world_size) and, by default, divides every micro-batch loss by the accumulation steps.
+    # With scale_wrt_gas=False and each micro-batch's backward on  loss_sum * world_size / N :
+    #   (1 / world_size) * sum_ranks sum_mb grad(loss_sum * world_size / N) = grad(sum loss_sum / N).
+    num_valid_local = sum(int((mb.labels != IGNORE_INDEX).sum()) for mb in micro_batches)
+    num_valid = float(all_reduce_sum([num_valid_local], world.device)[0])
+    sums = torch.zeros(5, dtype=torch.float64, device=world.device)
+    for mb in micro_batches:
+        input_ids, labels = mb.input_ids.to(world.device), mb.labels.to(world.device)
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits
+        student_logits = student(input_ids=input_ids, use_cache=False).logits
+        terms = distill_loss_sums(
+            student_logits,
+            labels,
+            teacher_logits,
+            ce_weight=kd.ce_weight,
+            kd_weight=kd.kd_weight,
+            temperature=kd.temperature,
+            vocab_size=vocab_size,
+        )
+        student.backward(terms.loss_sum * world.world_size / max(num_valid, 1.0), scale_wrt_gas=False)
+        student.step()  # DeepSpeed updates only at the accumulation boundary
+        parts = (terms.loss_sum.detach(), terms.ce_sum, terms.kd_sum, terms.top1_agree, terms.num_tokens)
+        sums += torch.stack([p.double() for p in parts])
+    return sums.cpu()  # one host sync per step
+
+
+@torch.no_grad()
+def held_out_loss(model, shards: TokenShards, cfg: Config, world: World, max_windows: int | None) -> float:
+    """Mean next-token cross-entropy (nats) over held-out windows, summed over all ranks before dividing."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=world.device)
+    batches = eval_batches(
+        shards,
+        seq_len=cfg.data.seq_len,
+        micro_batch_size=cfg.run.micro_batch_size,
+        rank=world.rank,
+        world_size=world.world_size,
+        max_windows=max_windows,
+    )
+    for mb in batches:  # every rank runs the same number of forwards (ZeRO-3 gathers inside)
+        logits = model(input_ids=mb.input_ids.to(world.device), use_cache=False).logits
+        terms = distill_loss_sums(logits, mb.labels.to(world.device))
+        sums += torch.stack([terms.ce_sum.double(), terms.num_tokens.double()])
+    model.train(was_training)
+    total = all_reduce_sum(sums, world.device)
+    return float(total[0] / total[1])
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGUSR1; the loop agrees on it across ranks at step boundaries."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Held-out loss of exported Hugging Face models on prepared shards, in one plain PyTorch process (no DeepSpeed).
+
+    python -m minima.evaluate --data runs/demo/data --seq-len 256 runs/demo/teacher/export runs/demo/student_kd/export
+
+Loads each directory with ``AutoModelForCausalLM.from_pretrained``, so it also checks that an export is usable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+from minima.data import TokenShards, eval_batches
+from minima.losses import distill_loss_sums
+
+
+@torch.no_grad()
+def evaluate_model(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    *,
+    seq_len: int,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Mean next-token cross-entropy (nats) and perplexity of ``model_dir`` on ``<data_dir>/valid``."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    shards = TokenShards.open(Path(data_dir) / "valid")
+    ce_sum, num_tokens = 0.0, 0
+    batches = eval_batches(shards, seq_len=seq_len, micro_batch_size=batch_size, max_windows=max_windows)
+    for mb in tqdm(batches, desc=f"eval {model_dir}", unit="batch", leave=False, file=sys.stderr):
+        logits = model(input_ids=mb.input_ids.to(device), use_cache=False).logits
+        terms = distill_loss_sums(logits, mb.labels.to(device))
+        ce_sum += terms.ce_sum.item()
+        num_tokens += int(terms.num_tokens)
+    loss = ce_sum / num_tokens
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": num_tokens}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minima.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="+", help="Hugging Face model directories")
+    parser.add_argument("--data", required=True, help="prepared data directory (its valid/ split is used)")
+    parser.add_argument("--seq-len", type=int, required=True, help="tokens per window, as in training")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-windows", type=int, default=None, help="first N held-out windows (default: all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    results = {
+        m: evaluate_model(
+            m,
+            args.data,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            max_windows=args.max_windows,
+            device=args.device,
+        )
+        for m in args.models
+    }
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
