@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.minima-installed
+# The virtualenv's tools first: DeepSpeed JIT-builds a C++ op with `ninja`, and a system ninja of another version
+# hashes build commands differently, so alternating between the two rebuilds the op (~30 s) every time.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install demo test test-slow lint format clean
 

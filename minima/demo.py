@@ -36,8 +36,9 @@ TEACHER_ARCH = (
     "{model_type: llama, hidden_size: 192, intermediate_size: 512, num_hidden_layers: 6, num_attention_heads: 6,"
     " num_key_value_heads: 6, max_position_embeddings: 256, tie_word_embeddings: false}"
 )
-TEACHER_TOKENS = 2_097_152
-STUDENT_TOKENS = 1_048_576
+TEACHER_TOKENS = 1_048_576
+STUDENT_TOKENS = 524_288
+VOCAB_SIZE = 2048  # small: at this width the output head is a large share of a tiny model's compute
 
 
 def stdlib_files(max_bytes: int) -> list[Path]:
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-ranks", type=int, default=torch.cuda.device_count() or 2)
     parser.add_argument("--teacher-tokens", type=int, default=TEACHER_TOKENS)
     parser.add_argument("--student-tokens", type=int, default=STUDENT_TOKENS)
+    parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     files = stdlib_files(int(args.corpus_mb * 1e6))
     log(f"corpus: {len(files)} files of the standard library ({sum(f.stat().st_size for f in files) / 1e6:.1f} MB)")
-    tokenizer_dir = train_sentencepiece(files, out / "spm", vocab_size=4096)
+    tokenizer_dir = train_sentencepiece(files, out / "spm", vocab_size=args.vocab_size)
     log(f"tokenizer: {tokenizer_dir}")
     data_dir = out / "data"
     summary = prepare_data(files, tokenizer_dir, data_dir, valid_fraction=0.03, seed=0)

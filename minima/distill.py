@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from minima.config import Config, ConfigError, KDConfig, derive, load_config, load_ds_config, recipe_names
-from minima.data import IGNORE_INDEX, Batch, TokenShards, TokenWindowLoader, eval_batches
+from minima.data import IGNORE_INDEX, Batch, DataError, TokenShards, TokenWindowLoader, eval_batches
 from minima.dist import World, all_reduce_max, all_reduce_sum, init_world, shutdown
 from minima.losses import distill_loss_sums
 from minima.models import check_vocab, choose_attn_implementation, count_params, hf_config
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=1e-3 teacher=null")
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and stop")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may come after the overrides
     try:
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as e:
@@ -49,11 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     world = init_world()
     try:
         train(cfg, world, dry_run=args.dry_run)
-    except ConfigError as e:
-        print(f"minima: config error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: a message, not a traceback
+        where = f" (rank {world.rank})" if world.world_size > 1 else ""
+        print(f"minima: {type(e).__name__}{where}: {e}", file=sys.stderr)
+        # No barrier here: other ranks may be inside another collective; the launcher stops them when we exit.
         return 2
-    finally:
-        shutdown()
+    shutdown()
     return 0
 
 

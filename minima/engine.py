@@ -53,6 +53,10 @@ def load_model(
     model: ModelConfig, config: PretrainedConfig, ds_config: dict, *, dtype: torch.dtype, attn_implementation: str
 ) -> PreTrainedModel:
     """Build a model partitioned for ``ds_config`` at construction (ZeRO-3), with transformers' own weight init."""
+    # zero.Init reads the world size from deepspeed.comm while checking the batch keys, before it would initialise
+    # deepspeed.comm itself; wrap the process group that minima.dist created first, or it assumes a world of one.
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed()
     hf_ds = HfDeepSpeedConfig(ds_config)  # transformers holds it weakly: keep it alive while building
     try:
         return build_model(model, config, dtype=dtype, attn_implementation=attn_implementation)

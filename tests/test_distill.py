@@ -1,0 +1,358 @@
+"""The real DeepSpeed path on 2 CPU ranks (gloo): KD with sharded teacher and student, resume, export, gradients.
+
+Every run uses ZeRO-3 JSONs with ``stage3_param_persistence_threshold: 0`` so that even tiny parameters are sharded
+and gathered on use (at the default threshold, tiny models would keep every parameter whole).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minima.config import ConfigError, load_config
+from minima.data import DataError
+from minima.dist import World
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SEQ = 64
+STUDENT_ARCH = (
+    "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4,"
+    " num_key_value_heads: 2, max_position_embeddings: 64}"
+)
+# The teacher's head is padded past the tokenizer (1024 ids) as in real model families; KD compares the first 1024.
+TEACHER_ARCH = (
+    "{model_type: llama, hidden_size: 48, intermediate_size: 96, num_hidden_layers: 2, num_attention_heads: 4,"
+    " num_key_value_heads: 4, max_position_embeddings: 64, vocab_size: 1088}"
+)
+TB_TAGS = {
+    "train/loss",
+    "train/ce_loss",
+    "train/kd_loss",
+    "train/lr",
+    "train/grad_norm",
+    "train/tokens_seen",
+    "train/top1_agreement",
+    "perf/tokens_per_s",
+    "perf/peak_memory_gb",
+    "val/loss",
+    "val/ppl",
+    "val/teacher_loss",
+    "val/teacher_ppl",
+}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sharded_ds_configs(tmp_path_factory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("ds")
+    paths = []
+    for name in ("zero3.json", "zero3_teacher.json"):
+        ds = json.loads((REPO / "ds_configs" / name).read_text())
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        (out / name).write_text(json.dumps(ds))
+        paths.append(out / name)
+    return paths[0], paths[1]
+
+
+@pytest.fixture(scope="module")
+def kd_overrides(tiny_prepared_data, sharded_ds_configs) -> list[str]:
+    student_ds, teacher_ds = sharded_ds_configs
+    return [
+        f"data.dir={tiny_prepared_data}",
+        f"data.seq_len={SEQ}",
+        f"student.arch={STUDENT_ARCH}",
+        "teacher.path=null",
+        f"teacher.arch={TEACHER_ARCH}",
+        "run.micro_batch_size=2",
+        f"run.tokens_per_step={2 * 2 * SEQ * 2}",  # 2 ranks x 2 sequences x 2 accumulation steps
+        "run.max_steps=6",
+        "run.log_every=1",
+        "run.eval_every=3",
+        f"run.eval_tokens={16 * SEQ}",
+        "run.save_every=3",
+        "run.keep_last=5",
+        "optim.lr=3e-3",
+        f"run.ds_config={student_ds}",
+        f"run.teacher_ds_config={teacher_ds}",
+    ]
+
+
+def subprocess_env() -> dict[str, str]:
+    """One thread per rank (2 ranks on 2 cores), the CPU accelerator, and this virtualenv's tools first on PATH.
+
+    The last matters: DeepSpeed JIT-builds a C++ op with whichever `ninja` PATH finds first, and two ninja versions
+    hash the same build command differently, so alternating between them rebuilds the op (~30 s) every time.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def launch(args: list[str], *, launcher: str = "torchrun", nproc: int = 2, timeout: int = 300, background=False):
+    """Start minima.distill under a real launcher (torchrun, deepspeed, or a plain python process)."""
+    env = subprocess_env()
+    if launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "minima.distill"]
+    elif launcher == "deepspeed":
+        from minima.dist import free_port
+
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module"]
+        cmd.append("minima.distill")
+    else:
+        cmd = [sys.executable, "-m", "minima.distill"]
+    cmd += ["tiny_cpu", *args]
+    if background:
+        return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def kd_run(tmp_path_factory, kd_overrides) -> Path:
+    """One 2-rank KD run of 6 steps (checkpoints at 3 and 6), shared by the tests that inspect its outputs."""
+    out = tmp_path_factory.mktemp("kd_run")
+    launch([*kd_overrides, f"run.out_dir={out}"])
+    return out
+
+
+def test_kd_run_logs_metrics_and_checkpoints(kd_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = json.loads((kd_run / "metrics.json").read_text())
+    assert metrics["step"] == 6 and metrics["tokens_seen"] == 6 * 512
+    assert metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_loss"]))  # exp of a loss in nats, not 2^loss
+    assert metrics["teacher_val_loss"] is not None and metrics["teacher_params"] > metrics["student_params"] > 0
+    acc = EventAccumulator(str(kd_run / "tensorboard")).Reload()
+    assert set(acc.Tags()["scalars"]) >= TB_TAGS
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    ce, kd = acc.Scalars("train/ce_loss")[0].value, acc.Scalars("train/kd_loss")[0].value
+    assert acc.Scalars("train/loss")[0].value == pytest.approx(0.5 * ce + 0.5 * kd, rel=1e-5)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert len(acc.Scalars("val/loss")) == 2  # steps 3 and 6
+    ckpts = sorted(p.name for p in (kd_run / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000003", "step_00000006"]
+    assert (kd_run / "checkpoints" / "latest").read_text() == "step_00000006"
+    resolved = json.loads((kd_run / "config.json").read_text())
+    assert resolved["derived"]["grad_accum_steps"] == 2 and resolved["derived"]["train_batch_size"] == 8
+    assert resolved["student_ds_config"]["train_batch_size"] == 8
+    assert "step 6" in (kd_run / "train.log").read_text()
+
+
+def test_export_reloads_with_transformers_and_matches_reported_loss(kd_run, tiny_prepared_data):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minima.evaluate import evaluate_model
+
+    export = kd_run / "export"
+    assert (export / "model.safetensors").is_file() and (export / "config.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(export)
+    assert model.config.hidden_size == 32 and model.config.vocab_size == 1024
+    tok = AutoTokenizer.from_pretrained(export)
+    assert len(tok) == 1024 and tok.eos_token_id == model.config.eos_token_id
+    # The reloaded model scores the same held-out windows as the run's final (distributed) evaluation.
+    metrics = json.loads((kd_run / "metrics.json").read_text())
+    ours = evaluate_model(export, tiny_prepared_data, seq_len=SEQ, batch_size=2, max_windows=16)
+    assert ours["loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)
+
+
+def test_resume_continues_bit_identically(kd_run, kd_overrides, tmp_path):
+    """Resume from the uninterrupted run's step-3 checkpoint (deepspeed launcher): steps 4-6 must be identical."""
+    out = tmp_path / "resumed"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(kd_run / "checkpoints" / "step_00000003", out / "checkpoints" / "step_00000003")
+    (out / "checkpoints" / "latest").write_text("step_00000003")
+    launch([*kd_overrides, f"run.out_dir={out}"], launcher="deepspeed")
+    log = (out / "train.log").read_text()
+    assert "resumed from" in log and "at step 3" in log
+    a = (kd_run / "export" / "model.safetensors").read_bytes()
+    b = (out / "export" / "model.safetensors").read_bytes()
+    assert a == b, "resumed weights differ from the uninterrupted run"
+
+    def step_losses(path):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(path / "tensorboard")).Reload()
+        return {e.step: e.value for e in acc.Scalars("train/loss") if e.step > 3}
+
+    assert step_losses(out) == step_losses(kd_run)
+
+
+def test_gradients_equal_single_process_full_batch(tmp_path, sharded_ds_configs):
+    """2 ranks x 2 accumulation steps, uneven padding: the step's gradient equals the full-batch sum / N gradient."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    for name, vocab, hidden, tied in (("teacher", 48, 48, False), ("student", 40, 32, True)):
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=tied,
+        )
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / name)
+    shutil.copy(sharded_ds_configs[0], tmp_path / "ds_student.json")
+    shutil.copy(sharded_ds_configs[1], tmp_path / "ds_teacher.json")
+    env = subprocess_env()
+    script = REPO / "tests" / "distributed" / "grad_equivalence.py"
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["sharded"], "parameters were not partitioned: the test would not exercise ZeRO-3"
+    assert result["max_rel_err"] < 1e-5, result
+    assert result["grad_norm"] == pytest.approx(result["ref_grad_norm"], rel=1e-6)  # clipping sees the true norm
+    assert result["per_micro_batch_mean_rel_err"] > 1e-2, "the batches are too uniform to catch mis-normalisation"
+
+
+def test_single_process_run_without_launcher(tiny_prepared_data, tmp_path):
+    """`python -m minima.distill` makes a world of one by itself; teacher=null is plain LM training."""
+    out = tmp_path / "single"
+    args = [
+        f"data.dir={tiny_prepared_data}",
+        f"data.seq_len={SEQ}",
+        f"student.arch={STUDENT_ARCH}",
+        "teacher=null",
+        "run.micro_batch_size=2",
+        f"run.tokens_per_step={2 * SEQ}",
+        "run.max_steps=2",
+        f"run.eval_tokens={8 * SEQ}",
+        f"run.out_dir={out}",
+    ]
+    launch(args, launcher="python")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 2 and metrics["teacher_val_loss"] is None and metrics["teacher_params"] == 0
+
+
+def test_sigterm_checkpoints_and_resume_finishes(kd_overrides, tmp_path):
+    """A pre-empted job (SIGTERM to the launcher, as SLURM does) saves a checkpoint; resume=auto finishes the run."""
+    out = tmp_path / "preempted"
+    args = [*kd_overrides, f"run.out_dir={out}", "run.max_steps=30", "run.save_every=0", "run.eval_every=0"]
+    proc = launch(args, background=True)
+    log = out / "train.log"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.is_file() and "step 2 " in log.read_text()):
+        time.sleep(0.5)
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    text = log.read_text()
+    assert "stop requested by signal" in text, text[-3000:]
+    latest = (out / "checkpoints" / "latest").read_text()
+    stopped_at = int(latest.removeprefix("step_"))
+    assert 2 <= stopped_at < 30 and not (out / "metrics.json").exists()
+    launch(args)  # the same command again: resume=auto continues from the signal's checkpoint
+    assert f"resumed from {out / 'checkpoints' / latest}" in log.read_text()
+    assert json.loads((out / "metrics.json").read_text())["step"] == 30
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input fails before any model is built, with a message that names the problem.
+
+
+def train_in_process(overrides: list[str]) -> None:
+    from minima.distill import train
+
+    cfg = load_config("tiny_cpu", overrides)
+    train(cfg, World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+
+
+@pytest.fixture()
+def corrupted_data(tiny_prepared_data, tmp_path) -> Path:
+    copy = tmp_path / "data"
+    shutil.copytree(tiny_prepared_data, copy)
+    return copy
+
+
+def test_missing_shard_is_a_clear_error(corrupted_data, tmp_path):
+    (corrupted_data / "train" / "shard_00001.bin").unlink()
+    with pytest.raises(DataError, match=r"shard .*shard_00001.bin.* is missing"):
+        train_in_process([f"data.dir={corrupted_data}", f"run.out_dir={tmp_path / 'run'}"])
+
+
+def test_checksum_mismatch_is_a_clear_error(corrupted_data, tmp_path):
+    shard = corrupted_data / "train" / "shard_00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"shard_00000.bin does not match the sha256"):
+        train_in_process([f"data.dir={corrupted_data}", f"run.out_dir={tmp_path / 'run'}"])
+
+
+def test_teacher_vocab_smaller_than_tokenizer_is_refused(tiny_prepared_data, tmp_path):
+    arch = "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 4,"
+    arch += " vocab_size: 1000}"
+    with pytest.raises(ConfigError, match=r"teacher has vocab_size 1000 but the data's tokenizer .* has 1024"):
+        train_in_process(
+            [f"data.dir={tiny_prepared_data}", "teacher.path=null", f"teacher.arch={arch}", f"run.out_dir={tmp_path}"]
+        )
+
+
+def test_teacher_with_another_tokenizer_is_refused(tiny_prepared_data, tmp_path, stdlib_files):
+    """Same size, different tokenizer: caught by comparing the teacher directory's tokenizer with the data's."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from minima.tokenizer import train_sentencepiece
+
+    other = train_sentencepiece(stdlib_files[:3], tmp_path / "other_tok", vocab_size=1024)
+    teacher = tmp_path / "teacher"
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(teacher)
+    for f in other.iterdir():
+        shutil.copy(f, teacher / f.name)
+    with pytest.raises(ConfigError, match=r"teacher tokenizer .* differs from the data's"):
+        train_in_process([f"data.dir={tiny_prepared_data}", f"teacher.path={teacher}", f"run.out_dir={tmp_path}"])
+
+
+def test_unknown_config_key_exits_with_message():
+    env = subprocess_env()
+    proc = subprocess.run(
+        [sys.executable, "-m", "minima.distill", "tiny_cpu", "optim.learning_rate=1e-3"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "unknown key 'optim.learning_rate'" in proc.stderr and "'lr'" in proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_smoke_bf16(tiny_prepared_data, tmp_path):
+    """The tiny recipe on one GPU: bf16 engines, flash-attn when installed; finite losses and a loadable export."""
+    out = tmp_path / "gpu"
+    args = [
+        f"data.dir={tiny_prepared_data}",
+        f"data.seq_len={SEQ}",
+        f"student.arch={STUDENT_ARCH}",
+        "teacher.path=null",
+        f"teacher.arch={TEACHER_ARCH}",
+        "run.precision=bf16",
+        "run.micro_batch_size=4",
+        f"run.tokens_per_step={4 * SEQ * 2}",
+        "run.max_steps=10",
+        f"run.out_dir={out}",
+    ]
+    launch(args, launcher="torchrun", nproc=1)
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["runtime"]["dtype"] == "torch.bfloat16"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert math.isfinite(metrics["val_loss"])

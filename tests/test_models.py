@@ -1,0 +1,52 @@
+"""Model configs from arch or directory, attention choice, FLOP-relevant parameter counts."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from minima.config import ConfigError, ModelConfig
+from minima.models import choose_attn_implementation, count_params, hf_config
+
+
+def tiny(tied: bool) -> torch.nn.Module:
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        tie_word_embeddings=tied,
+    )
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_count_params_leaves_out_only_an_untied_input_embedding(tied):
+    model = tiny(tied)
+    total = sum(p.numel() for p in model.parameters())
+    expected = total if tied else total - 100 * 16
+    assert count_params(model) == expected
+
+
+def test_arch_fills_vocab_and_special_ids_from_the_data():
+    cfg = hf_config(
+        ModelConfig(arch={"model_type": "llama", "hidden_size": 16, "num_attention_heads": 2}),
+        "student",
+        {"vocab_size": 777, "bos_token_id": 1, "eos_token_id": 2},
+    )
+    assert cfg.vocab_size == 777 and cfg.eos_token_id == 2 and cfg.hidden_size == 16
+
+
+def test_unknown_model_type_and_missing_directory_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match=r"student.arch.model_type='nope'"):
+        hf_config(ModelConfig(arch={"model_type": "nope"}), "student", {})
+    with pytest.raises(ConfigError, match=r"teacher.path=.*no config.json"):
+        hf_config(ModelConfig(path=str(tmp_path)), "teacher", {})
+
+
+def test_attention_choice_on_cpu():
+    cpu = torch.device("cpu")
+    assert choose_attn_implementation("auto", cpu) == "sdpa"
+    assert choose_attn_implementation("eager", cpu) == "eager"
+    with pytest.raises(ConfigError, match=r"flash_attention_2 needs a CUDA GPU"):
+        choose_attn_implementation("flash_attention_2", cpu)
