@@ -284,6 +284,11 @@ def _to_batch(windows: np.ndarray) -> Batch:
     )
 
 
+def count_windows(shards: TokenShards, seq_len: int) -> int:
+    """Windows of ``seq_len + 1`` tokens (stride ``seq_len``) that the readers cut from ``shards``."""
+    return int(_window_offsets(shards, seq_len)[-1])
+
+
 def _fingerprint(shards: TokenShards, seq_len: int, seed: int) -> str:
     identity = {
         "shards": [[s["num_tokens"], s["sha256"]] for s in shards.index["shards"]],

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from minima.config import Config, ConfigError, KDConfig, derive, load_config, load_ds_config, recipe_names
-from minima.data import IGNORE_INDEX, Batch, DataError, TokenShards, TokenWindowLoader, eval_batches
+from minima.data import IGNORE_INDEX, Batch, DataError, TokenShards, TokenWindowLoader, count_windows, eval_batches
 from minima.dist import World, all_reduce_max, all_reduce_sum, init_world, shutdown
 from minima.losses import distill_loss_sums
 from minima.models import check_vocab, choose_attn_implementation, count_params, hf_config
@@ -71,6 +71,19 @@ def train(cfg: Config, world: World, *, dry_run: bool = False) -> dict:
     verify = {"verify_checksums": cfg.data.verify_checksums, "rank": world.rank, "world_size": world.world_size}
     train_shards = TokenShards.open(data_dir / "train", **verify)
     valid_shards = TokenShards.open(data_dir / "valid", **verify)
+    loader = TokenWindowLoader(
+        train_shards,
+        seq_len=cfg.data.seq_len,
+        micro_batch_size=cfg.run.micro_batch_size,
+        rank=world.rank,
+        world_size=world.world_size,
+        seed=cfg.data.seed,
+    )
+    if count_windows(valid_shards, cfg.data.seq_len) == 0:
+        raise DataError(
+            f"{valid_shards.path} holds {valid_shards.num_tokens} tokens, less than one window of data.seq_len + 1 ="
+            f" {cfg.data.seq_len + 1}: prepare with a larger --valid-fraction or lower data.seq_len"
+        )
     tokenizer_dir, vocab_len = data_dir / "tokenizer", train_shards.vocab_size
     arch_defaults = {"vocab_size": vocab_len, "bos_token_id": train_shards.bos_id, "eos_token_id": train_shards.eos_id}
     student_hf = hf_config(cfg.student, "student", arch_defaults)
@@ -123,19 +136,14 @@ def train(cfg: Config, world: World, *, dry_run: bool = False) -> dict:
     flops_per_token = 6 * n_student + 2 * n_teacher  # forward+backward of the student, forward of the teacher
     log.info(f"student {n_student / 1e6:.2f}M params (without input embedding), teacher {n_teacher / 1e6:.2f}M")
 
-    loader = TokenWindowLoader(
-        train_shards,
-        seq_len=cfg.data.seq_len,
-        micro_batch_size=cfg.run.micro_batch_size,
-        rank=world.rank,
-        world_size=world.world_size,
-        seed=cfg.data.seed,
-    )
     step, tokens_seen, teacher_val_loss = 0, 0, None
     ckpt_root = out_dir / "checkpoints"
     resume_from = ds.find_checkpoint(out_dir, cfg.run.resume)
     if resume_from is not None:
         state = ds.load_checkpoint(student, resume_from)
+        changed = _changed_keys(state["config"], cfg.to_dict(), ignore={"run.resume"})
+        if changed:
+            log.warning(f"resuming {resume_from} with a changed config: {changed}")
         loader.load_state_dict(state["loader"])
         step, tokens_seen, teacher_val_loss = state["step"], state["tokens_seen"], state["teacher_val_loss"]
         log.info(f"resumed from {resume_from} at step {step} ({tokens_seen} tokens)")
@@ -293,6 +301,18 @@ def held_out_loss(model, shards: TokenShards, cfg: Config, world: World, max_win
     model.train(was_training)
     total = all_reduce_sum(sums, world.device)
     return float(total[0] / total[1])
+
+
+def _changed_keys(old: dict, new: dict, ignore: set[str], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b, key = old.get(k), new.get(k), f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict) and key.count(".") < 1:
+            keys += _changed_keys(a, b, ignore, f"{key}.")
+        elif a != b and key not in ignore:
+            keys.append(f"{key}: {a!r} -> {b!r}")
+    return keys
 
 
 class _StopFlag:

@@ -36,7 +36,7 @@ def evaluate_model(
     shards = TokenShards.open(Path(data_dir) / "valid")
     ce_sum, num_tokens = 0.0, 0
     batches = eval_batches(shards, seq_len=seq_len, micro_batch_size=batch_size, max_windows=max_windows)
-    for mb in tqdm(batches, desc=f"eval {model_dir}", unit="batch", leave=False, file=sys.stderr):
+    for mb in tqdm(batches, desc=f"eval {model_dir}", unit="batch", leave=False, file=sys.stderr, disable=None):
         logits = model(input_ids=mb.input_ids.to(device), use_cache=False).logits
         terms = distill_loss_sums(logits, mb.labels.to(device))
         ce_sum += terms.ce_sum.item()

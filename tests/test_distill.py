@@ -356,3 +356,20 @@ def test_gpu_smoke_bf16(tiny_prepared_data, tmp_path):
     assert resolved["runtime"]["dtype"] == "torch.bfloat16"
     metrics = json.loads((out / "metrics.json").read_text())
     assert math.isfinite(metrics["val_loss"])
+
+
+def test_held_out_split_shorter_than_a_window_is_refused(tiny_prepared_data, tmp_path):
+    from minima.data import TokenShards
+
+    valid_tokens = TokenShards.open(tiny_prepared_data / "valid").num_tokens
+    assert valid_tokens + 1 < 16384  # the training shards still hold a window of this length
+    with pytest.raises(DataError, match=r"valid holds .* less than one window"):
+        train_in_process(
+            [
+                f"data.dir={tiny_prepared_data}",
+                f"data.seq_len={valid_tokens}",
+                "run.micro_batch_size=1",
+                f"run.tokens_per_step={valid_tokens}",
+                f"run.out_dir={tmp_path}",
+            ]
+        )
