@@ -98,7 +98,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class KDConfig:
-    """Token-level distillation: ``ce_weight * CE + kd_weight * T^2 * KL(p_teacher^T || p_student^T)`` per token."""
+    """Token-level distillation: ``ce_weight * CE + kd_weight * T^2 * D(p_teacher^T, p_student^T)`` per token."""
 
     ce_weight: float = 0.5
     """Weight of cross-entropy on the true next token."""
@@ -106,13 +106,28 @@ class KDConfig:
     """Weight of the distillation term."""
     temperature: float = 1.0
     """Softmax temperature T applied to both models' logits; the KD term is scaled by T^2."""
-    divergence: Literal["forward_kl"] = "forward_kl"
-    """Divergence between teacher and student next-token distributions (forward KL is the MiniMA objective)."""
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
+    """D, compared token by token (minima.divergences); forward KL is the MiniMA objective."""
+    beta: float = 0.5
+    """Generalized JSD's teacher weight in [0, 1] (0 = forward KL, 1 = reverse KL, 0.5 = symmetric JSD)."""
+    alpha: float = 0.1
+    """Skew KLs' weight of the matched distribution in the mixture, in [0, 1) (0 = plain KL)."""
+    chunk_tokens: int = 0
+    """Tokens per chunk of the loss over the output heads (0 = sized so a chunk's fp32 temporaries stay ~256 MiB)."""
 
     def __post_init__(self) -> None:
         if self.ce_weight < 0 or self.kd_weight < 0 or self.ce_weight + self.kd_weight == 0:
             raise ConfigError("kd.ce_weight and kd.kd_weight must be >= 0 and not both 0")
         _positive("kd.temperature", self.temperature)
+        _in_range("kd.beta", self.beta, 0.0, 1.0)
+        _in_range("kd.alpha", self.alpha, 0.0, 1.0, hi_open=True)
+        if self.chunk_tokens < 0:
+            raise ConfigError(f"kd.chunk_tokens must be >= 0 (0 = automatic), got {self.chunk_tokens}")
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``minima.losses.kd_loss_from_hidden`` / ``kd_loss_from_logits``."""
+        names = ("ce_weight", "kd_weight", "divergence", "temperature", "beta", "alpha")
+        return {name: getattr(self, name) for name in names}
 
 
 @dataclass(frozen=True)

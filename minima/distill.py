@@ -26,8 +26,16 @@ import torch
 from minima.config import Config, ConfigError, KDConfig, derive, load_config, load_ds_config, recipe_names
 from minima.data import IGNORE_INDEX, Batch, DataError, TokenShards, TokenWindowLoader, count_windows, eval_batches
 from minima.dist import World, all_reduce_max, all_reduce_sum, init_world, shutdown
-from minima.losses import distill_loss_sums
-from minima.models import check_vocab, choose_attn_implementation, count_params, hf_config
+from minima.losses import kd_loss_from_hidden
+from minima.models import (
+    check_head_path,
+    check_vocab,
+    choose_attn_implementation,
+    count_params,
+    final_hidden,
+    hf_config,
+    output_head,
+)
 from minima.monitor import Monitor, peak_flops, peak_memory_gb, setup_logging
 
 # torch.distributed deprecations raised from inside DeepSpeed on every collective: not actionable here.
@@ -135,6 +143,11 @@ def train(cfg: Config, world: World, *, dry_run: bool = False) -> dict:
     n_teacher = count_params(teacher.module) if teacher is not None else 0
     flops_per_token = 6 * n_student + 2 * n_teacher  # forward+backward of the student, forward of the teacher
     log.info(f"student {n_student / 1e6:.2f}M params (without input embedding), teacher {n_teacher / 1e6:.2f}M")
+    # The chunked loss computes logits as hidden @ head^T: check that this is what each model does, on a few tokens.
+    probe = next(eval_batches(valid_shards, seq_len=min(32, cfg.data.seq_len), micro_batch_size=1, max_windows=1))
+    for name, engine in (("student", student), ("teacher", teacher)):
+        if engine is not None:
+            check_head_path(name, engine, probe.input_ids.to(world.device), ds.gathered)
 
     step, tokens_seen, teacher_val_loss = 0, 0, None
     ckpt_root = out_dir / "checkpoints"
@@ -249,6 +262,8 @@ def train_step(
     ``student`` is the DeepSpeed engine (it updates at the accumulation boundary, after the last micro-batch);
     ``teacher`` is the frozen inference engine or None.
     """
+    from minima.engine import gathered
+
     # Normalise once. The step's gradient must be that of  sum_{ranks, micro-batches} loss_sum / N  with N the valid
     # tokens of the whole step (all micro-batches, all ranks), as for one full batch. DeepSpeed averages gradients
     # over ranks (divides by world_size) and, by default, divides every micro-batch loss by the accumulation steps.
@@ -256,24 +271,30 @@ def train_step(
     #   (1 / world_size) * sum_ranks sum_mb grad(loss_sum * world_size / N) = grad(sum loss_sum / N).
     num_valid_local = sum(int((mb.labels != IGNORE_INDEX).sum()) for mb in micro_batches)
     num_valid = float(all_reduce_sum([num_valid_local], world.device)[0])
+    student_head = output_head(student)
+    teacher_head = output_head(teacher) if teacher is not None else None
     sums = torch.zeros(5, dtype=torch.float64, device=world.device)
     for mb in micro_batches:
         input_ids, labels = mb.input_ids.to(world.device), mb.labels.to(world.device)
-        teacher_logits = None
+        teacher_hidden = None
         if teacher is not None:
             with torch.no_grad():
-                teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits
-        student_logits = student(input_ids=input_ids, use_cache=False).logits
-        terms = distill_loss_sums(
-            student_logits,
-            labels,
-            teacher_logits,
-            ce_weight=kd.ce_weight,
-            kd_weight=kd.kd_weight,
-            temperature=kd.temperature,
-            vocab_size=vocab_size,
-        )
-        student.backward(terms.loss_sum * world.world_size / max(num_valid, 1.0), scale_wrt_gas=False)
+                teacher_hidden = final_hidden(teacher, input_ids)  # (B, T, H_t); no logits are computed
+        student_hidden = final_hidden(student, input_ids)  # (B, T, H_s)
+        # The loss reads both output heads whole (gathered under ZeRO-3) and never holds more than one chunk of
+        # logits; the backward runs inside the block so that the student head's gradient is reduce-scattered there.
+        with gathered([student_head, teacher_head]):
+            terms = kd_loss_from_hidden(
+                student_hidden,
+                student_head,
+                labels,
+                teacher_hidden,
+                teacher_head,
+                **kd.loss_kwargs(),
+                vocab_size=vocab_size,
+                chunk_tokens=kd.chunk_tokens or None,
+            )
+            student.backward(terms.loss_sum * world.world_size / max(num_valid, 1.0), scale_wrt_gas=False)
         student.step()  # DeepSpeed updates only at the accumulation boundary
         parts = (terms.loss_sum.detach(), terms.ce_sum, terms.kd_sum, terms.top1_agree, terms.num_tokens)
         sums += torch.stack([p.double() for p in parts])
@@ -294,9 +315,13 @@ def held_out_loss(model, shards: TokenShards, cfg: Config, world: World, max_win
         world_size=world.world_size,
         max_windows=max_windows,
     )
+    from minima.engine import gathered
+
+    head = output_head(model)
     for mb in batches:  # every rank runs the same number of forwards (ZeRO-3 gathers inside)
-        logits = model(input_ids=mb.input_ids.to(world.device), use_cache=False).logits
-        terms = distill_loss_sums(logits, mb.labels.to(world.device))
+        hidden = final_hidden(model, mb.input_ids.to(world.device))
+        with gathered([head]):
+            terms = kd_loss_from_hidden(hidden, head, mb.labels.to(world.device))
         sums += torch.stack([terms.ce_sum.double(), terms.num_tokens.double()])
     model.train(was_training)
     total = all_reduce_sum(sums, world.device)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,21 @@ def init_student(model: PreTrainedModel, cfg: Config, derived: Derived, ds_confi
     )
     engine.train()
     return engine
+
+
+@contextmanager
+def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Whole parameters inside the block under ZeRO-3 (a no-op for ordinary ones).
+
+    Used around the chunked loss and the backward that follows it: the loss reads the full output heads, and the
+    student head's gradient, produced inside the block, is reduce-scattered by ZeRO-3's hooks as usual.
+    """
+    zero3 = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not zero3:
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
+        yield
 
 
 # ----------------------------------------------------------------------------------------------------------------------

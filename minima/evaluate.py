@@ -18,7 +18,8 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from minima.data import TokenShards, eval_batches
-from minima.losses import distill_loss_sums
+from minima.losses import kd_loss_from_hidden
+from minima.models import final_hidden, output_head
 
 
 @torch.no_grad()
@@ -37,8 +38,8 @@ def evaluate_model(
     ce_sum, num_tokens = 0.0, 0
     batches = eval_batches(shards, seq_len=seq_len, micro_batch_size=batch_size, max_windows=max_windows)
     for mb in tqdm(batches, desc=f"eval {model_dir}", unit="batch", leave=False, file=sys.stderr, disable=None):
-        logits = model(input_ids=mb.input_ids.to(device), use_cache=False).logits
-        terms = distill_loss_sums(logits, mb.labels.to(device))
+        hidden = final_hidden(model, mb.input_ids.to(device))  # no (B, T, V) logits: the loss works in chunks
+        terms = kd_loss_from_hidden(hidden, output_head(model), mb.labels.to(device))
         ce_sum += terms.ce_sum.item()
         num_tokens += int(terms.num_tokens)
     loss = ce_sum / num_tokens

@@ -1,18 +1,24 @@
-"""Token-level distillation loss, returned as sums over valid tokens (never means).
+"""Token-level distillation losses, returned as sums over valid tokens (never means).
 
-Per valid token t (label != IGNORE_INDEX):
+Per valid token t (label != IGNORE_INDEX), with zs_t and zt_t the student's and the teacher's logits:
 
-    loss_t = ce_weight * CE(student_t, label_t) + kd_weight * T^2 * KL(softmax(zt_t / T) || softmax(zs_t / T))
+    loss_t = ce_weight * CE(zs_t, label_t) + kd_weight * T^2 * D(softmax(zt_t / T), softmax(zs_t / T))
 
-with zs_t, zt_t the student's and the teacher's logits at position t.
+with D one of ``minima.divergences.DIVERGENCES`` (forward KL, the MiniMA objective, by default). The training loop
+sums ``loss_t`` over every micro-batch of every rank of an optimizer step and divides once by the global number of
+valid tokens (see ``minima.distill.train_step``). Padding and ignored positions enter neither term.
 
-The training loop sums ``loss_t`` over every micro-batch of every rank of an optimizer step and divides once by the
-global number of valid tokens (see ``minima.distill``), so a micro-batch with more padding weighs less, exactly as in
-a single full batch. Padding and ignored positions contribute to neither term.
+Two entry points compute the same thing:
 
-Teacher and student may have different vocabulary sizes when they share a tokenizer and differ only by padding rows
-(e.g. 152064 vs 151936): the KD term compares the first ``vocab_size`` logits (the tokenizer's length) of both, so
-teacher logits of padding rows never reach the student's target. CE uses the student's full head.
+- :func:`kd_loss_from_logits` for callers that already hold both models' logits (B, T, V);
+- :func:`kd_loss_from_hidden`, used by the training loop, from the final hidden states and the two output heads. It
+  visits the valid tokens a chunk at a time: computes both heads' logits for the chunk in fp32, the loss terms, and
+  at once the gradients of the student's hidden states and head (no (B, T, V) tensor of either model ever exists and
+  nothing is recomputed in backward; ``backward`` only scales the stored gradients).
+
+Vocabularies: teacher and student may differ by padding rows of one tokenizer (e.g. 152064 vs 151936). The KD term
+compares the first ``vocab_size`` logits (the tokenizer's length) of both, so teacher logits beyond it never leak
+probability mass into the student's target; CE uses the student's whole head.
 """
 
 from __future__ import annotations
@@ -23,6 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from minima.data import IGNORE_INDEX
+from minima.divergences import token_divergence
+
+# Chunk size when none is given: the fp32 temporaries of one chunk (about 8 tensors of chunk x V: both models'
+# logits, log-probabilities, probabilities, the logits' gradient) stay near this many bytes.
+CHUNK_BYTES = 2**28
 
 
 @dataclass
@@ -30,61 +41,204 @@ class LossSums:
     """Sums over the valid tokens of one micro-batch; divide by a global token count once, at the end."""
 
     loss_sum: torch.Tensor
-    """Differentiable: ce_weight * ce_sum + kd_weight * kd_sum (fp32 scalar). Without a teacher: ce_sum."""
+    """Differentiable fp32 scalar: ce_weight * ce_sum + kd_weight * kd_sum (just ce_sum without a teacher)."""
     ce_sum: torch.Tensor
     """Cross-entropy on the true next token, in nats, summed (detached)."""
     kd_sum: torch.Tensor
-    """T^2 * KL(teacher || student), in nats, summed (detached; 0 without a teacher)."""
+    """T^2 * divergence, in nats, summed (detached; 0 without a teacher)."""
     num_tokens: torch.Tensor
     """Valid tokens (int64 scalar)."""
     top1_agree: torch.Tensor
     """Valid tokens where the teacher's and the student's most likely next token agree (int64; 0 without a teacher)."""
 
 
-def distill_loss_sums(
+@dataclass(frozen=True)
+class _Spec:
+    """How to mix CE and KD (the knobs of ``kd.*`` in the recipe, see ``minima.config.KDConfig``)."""
+
+    ce_weight: float
+    kd_weight: float
+    divergence: str
+    temperature: float
+    beta: float
+    alpha: float
+
+
+def _terms(
+    s_logits: torch.Tensor, t_logits: torch.Tensor | None, targets: torch.Tensor, spec: _Spec, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce, kd, top-1 agreement) sums for (n, V_s) student and (n, >= vocab_size) teacher fp32 logits."""
+    ce = F.cross_entropy(s_logits, targets, reduction="sum")
+    if t_logits is None:
+        zero = torch.zeros((), dtype=s_logits.dtype, device=s_logits.device)
+        return ce, ce.detach(), zero, zero.long()
+    s_shared, t_shared = s_logits[:, :vocab_size], t_logits[:, :vocab_size]
+    kd = token_divergence(
+        s_shared,
+        t_shared,
+        divergence=spec.divergence,
+        temperature=spec.temperature,
+        beta=spec.beta,
+        alpha=spec.alpha,
+    ).sum()
+    agree = (s_shared.argmax(-1) == t_shared.argmax(-1)).sum()
+    return spec.ce_weight * ce + spec.kd_weight * kd, ce.detach(), kd.detach(), agree
+
+
+def kd_loss_from_logits(
     student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
     labels: torch.Tensor,
-    teacher_logits: torch.Tensor | None = None,
     *,
     ce_weight: float = 0.5,
     kd_weight: float = 0.5,
+    divergence: str = "forward_kl",
     temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
     vocab_size: int | None = None,
 ) -> LossSums:
-    """Cross-entropy plus forward-KL distillation, summed over valid tokens.
+    """CE plus distillation from full logits, summed over valid tokens.
 
     Args:
-        student_logits: (B, T, V_s) next-token logits of the student (any float dtype; computed in fp32).
-        labels: (B, T) int64 next-token ids aligned with the logits, IGNORE_INDEX where excluded.
-        teacher_logits: (B, T, V_t) logits of the frozen teacher (no grad), or None for plain LM training,
-            in which case the loss is the CE sum and the weights do not apply.
+        student_logits: (B, T, V_s) (or (N, V_s)) next-token logits of the student; upcast to fp32.
+        teacher_logits: (B, T, V_t) logits of the frozen teacher, or None for plain LM training (then the loss is the
+            CE sum and the weights do not apply).
+        labels: (B, T) (or (N,)) int64 next-token ids aligned with the logits, IGNORE_INDEX where masked.
         ce_weight, kd_weight: weights of the two terms.
-        temperature: T, dividing both models' logits in the KD term; the term is scaled by T^2 so that its gradient
-            magnitude does not shrink with T.
-        vocab_size: the shared tokenizer length compared by the KD term (defaults to min(V_s, V_t)).
+        divergence, temperature, beta, alpha: see ``minima.divergences.token_divergence``.
+        vocab_size: the shared tokenizer length compared by the KD term (default: min(V_s, V_t)).
     """
-    # (B, T, V) -> (N, V) over valid positions only: padding never enters a softmax that is summed.
+    spec = _Spec(ce_weight, kd_weight, divergence, temperature, beta, alpha)
     valid = labels != IGNORE_INDEX
-    num_tokens = valid.sum()
-    s_logits = student_logits[valid].float()  # (N, V_s)
-    targets = labels[valid]  # (N,)
-    ce_sum = F.cross_entropy(s_logits, targets, reduction="sum")
-    if teacher_logits is None:
-        zero = torch.zeros((), device=ce_sum.device, dtype=torch.int64)
-        return LossSums(ce_sum, ce_sum.detach(), torch.zeros_like(ce_sum.detach()), num_tokens, zero)
+    s_logits = _upcast(student_logits[valid])  # (N, V_s): padding never enters a softmax that is summed
+    t_logits = None if teacher_logits is None else _upcast(teacher_logits[valid])  # (N, V_t)
+    if t_logits is not None and vocab_size is None:
+        vocab_size = min(s_logits.shape[-1], t_logits.shape[-1])
+    loss, ce, kd, agree = _terms(s_logits, t_logits, labels[valid], spec, vocab_size or s_logits.shape[-1])
+    return LossSums(loss, ce, kd, valid.sum(), agree)
 
-    if teacher_logits.shape[:2] != student_logits.shape[:2]:
-        raise ValueError(
-            f"teacher logits {tuple(teacher_logits.shape)} do not align with {tuple(student_logits.shape)}"
-        )
-    v = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
-    t_logits = teacher_logits[valid].float()[:, :v]  # (N, v)
-    s_shared = s_logits[:, :v]  # (N, v)
-    # KL(p_t || p_s) = sum_v p_t (log p_t - log p_s), at temperature T, scaled by T^2.
-    t_logp = F.log_softmax(t_logits / temperature, dim=-1)
-    s_logp = F.log_softmax(s_shared / temperature, dim=-1)
-    kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="sum")
-    kd_sum = kl * temperature**2
-    loss_sum = ce_weight * ce_sum + kd_weight * kd_sum
-    top1_agree = (t_logits.argmax(-1) == s_shared.argmax(-1)).sum()
-    return LossSums(loss_sum, ce_sum.detach(), kd_sum.detach(), num_tokens, top1_agree)
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (bf16/fp16 -> fp32; fp64 stays fp64, for exact references)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(n, H) @ (V, H)^T -> (n, V) in at least fp32. On GPUs a bf16/fp16 matmul writes fp32 straight from its fp32
+    accumulators (no rounding of the logits to 8 mantissa bits); elsewhere, or where torch lacks that kernel, the
+    product is upcast."""
+    if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            pass
+    return _upcast(torch.mm(hidden, weight.t()))
+
+
+def default_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk so that one chunk's fp32 temporaries stay near CHUNK_BYTES (a power of two, >= 16)."""
+    n = max(16, CHUNK_BYTES // (32 * vocab_size))
+    return 1 << (n.bit_length() - 1)
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Loss sums from hidden states and heads, chunk by chunk; gradients computed in forward, scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, rows, targets, spec, vocab_size, chunk_tokens):
+        # s_hidden (N, H_s) every position; rows (n,) the valid positions; targets (n,) their next tokens.
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(s_hidden) if need_h else None
+        # Same dtype as the head: addmm accumulates chunk after chunk in place, without a (V, H) temporary.
+        grad_w = torch.zeros_like(s_weight) if need_w else None
+        sums = torch.zeros(4, dtype=torch.float64, device=s_hidden.device)  # loss, ce, kd, agreement
+        for start in range(0, rows.numel(), chunk_tokens):
+            r = rows[start : start + chunk_tokens]
+            h = s_hidden[r]  # (c, H_s)
+            t_logits = None if t_hidden is None else _head_logits(t_hidden[r], t_weight)  # (c, V_t) fp32
+            with torch.enable_grad():
+                s_logits = _head_logits(h, s_weight).detach().requires_grad_(need_h or need_w)  # (c, V_s) fp32
+                loss, ce, kd, agree = _terms(
+                    s_logits, t_logits, targets[start : start + chunk_tokens], spec, vocab_size
+                )
+            if need_h or need_w:
+                (g,) = torch.autograd.grad(loss, s_logits)  # (c, V_s) fp32, d loss / d logits
+                g = g.to(s_weight.dtype)
+                if need_h:
+                    grad_h.index_copy_(0, r, (g @ s_weight).to(grad_h.dtype))  # (c, H_s)
+                if need_w:
+                    grad_w.addmm_(g.t(), h.to(s_weight.dtype))  # (V_s, H_s) += (V_s, c) @ (c, H_s)
+            sums += torch.stack([loss.detach().double(), ce.double(), kd.double(), agree.double()])
+        ctx.save_for_backward(grad_h, grad_w)
+        dtype = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
+        loss_sum, ce_sum, kd_sum, agree = sums[0].to(dtype), sums[1].to(dtype), sums[2].to(dtype), sums[3].long()
+        ctx.mark_non_differentiable(ce_sum, kd_sum, agree)
+        return loss_sum, ce_sum, kd_sum, agree
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
+        grad_w = None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype)
+        return grad_h, grad_w, None, None, None, None, None, None, None
+
+
+def kd_loss_from_hidden(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head: torch.Tensor | None = None,
+    *,
+    ce_weight: float = 0.5,
+    kd_weight: float = 0.5,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    vocab_size: int | None = None,
+    chunk_tokens: int | None = None,
+) -> LossSums:
+    """CE plus distillation from final hidden states and output heads, never materialising (B, T, V) logits.
+
+    Gradients flow to ``student_hidden`` and ``student_head`` (none to the teacher). Under ZeRO-3 the heads are
+    shards: gather them around this call and the backward (``minima.engine.gathered``).
+
+    Args:
+        student_hidden: (B, T, H_s) the student's last hidden states (after the final norm).
+        student_head: (V_s, H_s) the student's output embedding (lm_head weight); logits = hidden @ head^T.
+        labels: (B, T) int64 next-token ids, IGNORE_INDEX where masked.
+        teacher_hidden: (B, T, H_t) the teacher's last hidden states, or None for plain LM training.
+        teacher_head: (V_t, H_t) the teacher's output embedding.
+        ce_weight, kd_weight: weights of the two terms.
+        divergence, temperature, beta, alpha: see ``minima.divergences.token_divergence``.
+        vocab_size: the shared tokenizer length compared by the KD term (default: min(V_s, V_t)).
+        chunk_tokens: valid tokens per chunk (default: :func:`default_chunk_tokens`); the result does not depend
+            on it beyond floating-point rounding.
+    """
+    spec = _Spec(ce_weight, kd_weight, divergence, temperature, beta, alpha)
+    if (teacher_hidden is None) != (teacher_head is None):
+        raise ValueError("give both teacher_hidden and teacher_head, or neither")
+    if teacher_hidden is not None and teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(f"teacher hidden {tuple(teacher_hidden.shape)} vs student {tuple(student_hidden.shape)}")
+    v_s = student_head.shape[0]
+    if vocab_size is None:
+        vocab_size = v_s if teacher_head is None else min(v_s, teacher_head.shape[0])
+    flat_labels = labels.reshape(-1)
+    rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # (n,) valid positions
+    s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])  # (N, H_s)
+    t_hidden = None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+    t_head = None if teacher_head is None else teacher_head.detach()
+    loss, ce, kd, agree = _ChunkedHeadLoss.apply(
+        s_hidden,
+        student_head,
+        t_hidden,
+        t_head,
+        rows,
+        flat_labels[rows],
+        spec,
+        vocab_size,
+        chunk_tokens or default_chunk_tokens(max(v_s, vocab_size)),
+    )
+    return LossSums(loss, ce, kd, torch.tensor(rows.numel(), device=rows.device), agree)

@@ -94,3 +94,43 @@ def count_params(model: torch.nn.Module) -> int:
     out = model.get_output_embeddings()
     tied = out is not None and out.weight is emb
     return total if tied else total - numel[id(emb)]
+
+
+def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states (B, T, H) after its final norm, without computing any logits.
+
+    Runs ``model`` (a transformers causal LM or a DeepSpeed engine around one) with an empty ``logits_to_keep``, so
+    the output head multiplies zero positions, and takes the decoder's output through a forward hook: asking for
+    ``output_hidden_states`` instead would keep every layer's states alive (gigabytes for a frozen 7B teacher).
+    """
+    module = getattr(model, "module", model)
+    captured: list[torch.Tensor] = []
+    handle = module.get_decoder().register_forward_hook(lambda mod, args, out: captured.append(out[0]))
+    try:
+        no_logits = torch.empty(0, dtype=torch.long, device=input_ids.device)
+        model(input_ids=input_ids, logits_to_keep=no_logits, use_cache=False)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Parameter:
+    """The (V, H) output embedding whose product with the final hidden states gives the logits."""
+    return getattr(model, "module", model).get_output_embeddings().weight
+
+
+def check_head_path(name: str, model: torch.nn.Module, input_ids: torch.Tensor, gathered) -> None:
+    """Fail fast if ``logits != final_hidden @ head^T`` (a biased, scaled or soft-capped head): the chunked loss
+    computes logits that way. ``gathered`` is a context manager giving whole parameters under ZeRO-3."""
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, use_cache=False).logits.float()
+        hidden = final_hidden(model, input_ids)
+        head = output_head(model)
+        with gathered([head]):
+            ours = (hidden @ head.t()).float()
+    if not torch.allclose(ours, logits, rtol=1e-2, atol=1e-2 * float(logits.abs().max())):
+        raise ConfigError(
+            f"the {name}'s logits are not its last hidden state times its output embedding (max difference"
+            f" {float((ours - logits).abs().max()):.3g}): its head has a bias, a scale or a soft cap that the chunked"
+            " KD loss (minima.losses.kd_loss_from_hidden) does not apply; use a model whose head is a plain linear map"
+        )

@@ -190,12 +190,17 @@ def test_resume_continues_bit_identically(kd_run, kd_overrides, tmp_path):
     assert step_losses(out) == step_losses(kd_run)
 
 
-def test_gradients_equal_single_process_full_batch(tmp_path, sharded_ds_configs):
-    """2 ranks x 2 accumulation steps, uneven padding: the step's gradient equals the full-batch sum / N gradient."""
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_gradients_equal_single_process_full_batch(tmp_path, sharded_ds_configs, divergence):
+    """2 ranks x 2 accumulation steps, uneven padding, ZeRO-3 sharded heads gathered for the chunked loss: the step's
+    gradients (head included) equal those of a single process on the full batch with full logits and sum / N."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    for name, vocab, hidden, tied in (("teacher", 48, 48, False), ("student", 40, 32, True)):
+    student_tied = (
+        divergence == "forward_kl"
+    )  # the head is the input embedding in one case, its own matrix in the other
+    for name, vocab, hidden, tied in (("teacher", 48, 48, False), ("student", 40, 32, student_tied)):
         cfg = LlamaConfig(
             vocab_size=vocab,
             hidden_size=hidden,
@@ -211,7 +216,7 @@ def test_gradients_equal_single_process_full_batch(tmp_path, sharded_ds_configs)
     shutil.copy(sharded_ds_configs[1], tmp_path / "ds_teacher.json")
     env = subprocess_env()
     script = REPO / "tests" / "distributed" / "grad_equivalence.py"
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path), divergence]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
     result = json.loads((tmp_path / "result.json").read_text())

@@ -1,114 +1,253 @@
-"""The loss against a naive per-token reference; zero for identical models; masking; padded vocabularies; sums."""
+"""Every divergence, from logits and from hidden states in chunks, against a naive float64 reference.
+
+The reference is written independently of minima.divergences: plain probabilities, one token at a time.
+"""
+
+import math
 
 import pytest
 import torch
 
+from minima import losses
 from minima.data import IGNORE_INDEX
-from minima.losses import distill_loss_sums
+from minima.divergences import DIVERGENCES, token_divergence
+from minima.losses import kd_loss_from_hidden, kd_loss_from_logits
+
+TEMPERATURES = (0.5, 1.0, 2.0)
+BETA, ALPHA = 0.3, 0.2
 
 
-def naive(student, labels, teacher, ce_w, kd_w, T, v):
-    """Per-token loop in float64: ce_w * CE + kd_w * T^2 * KL(p_t^T || p_s^T) over the first v logits."""
-    total, ce_total, kd_total, n = 0.0, 0.0, 0.0, 0
+def naive_divergence(zs: torch.Tensor, zt: torch.Tensor, name: str, T: float, beta=BETA, alpha=ALPHA) -> torch.Tensor:
+    """One token: (V,) student and teacher logits -> T^2 * D(p, q), with p the teacher and q the student."""
+    q = torch.softmax(zs.double() / T, 0)
+    p = torch.softmax(zt.double() / T, 0)
+
+    def kl(a, b):
+        return (a * (a / b).log()).sum()
+
+    if name == "forward_kl":
+        d = kl(p, q)
+    elif name == "reverse_kl":
+        d = kl(q, p)
+    elif name == "jsd":
+        m = beta * p + (1 - beta) * q
+        d = beta * kl(p, m) + (1 - beta) * kl(q, m)
+    elif name == "skew_forward_kl":
+        d = kl(p, alpha * p + (1 - alpha) * q)
+    elif name == "skew_reverse_kl":
+        d = kl(q, alpha * q + (1 - alpha) * p)
+    else:
+        d = 0.5 * (p - q).abs().sum()
+    return T**2 * d
+
+
+def naive_loss(s_logits, t_logits, labels, name, T, ce_w=0.5, kd_w=0.5, v=None):
+    """Per-token loop: sum over valid tokens of ce_w * CE + kd_w * T^2 * D over the first v logits."""
+    total = torch.zeros((), dtype=torch.float64)
     for b in range(labels.shape[0]):
         for t in range(labels.shape[1]):
             y = int(labels[b, t])
             if y == IGNORE_INDEX:
                 continue
-            s = student[b, t].double()
-            ce = -(s[y] - torch.logsumexp(s, 0))
-            ps = torch.softmax(s[:v] / T, 0)
-            pt = torch.softmax(teacher[b, t, :v].double() / T, 0)
-            kd = T**2 * (pt * (pt.log() - ps.log())).sum()
-            total += ce_w * ce + kd_w * kd
-            ce_total += ce
-            kd_total += kd
-            n += 1
-    return total, ce_total, kd_total, n
+            zs = s_logits[b, t].double()
+            ce = torch.logsumexp(zs, 0) - zs[y]
+            vv = v or min(s_logits.shape[-1], t_logits.shape[-1])
+            total = total + ce_w * ce + kd_w * naive_divergence(zs[:vv], t_logits[b, t, :vv], name, T)
+    return total
 
 
-def make(B=2, T=5, Vs=11, Vt=11, seed=0, masked=((0, 1), (1, 4))):
+def make(B=2, T=5, Hs=6, Ht=10, Vs=11, Vt=11, seed=0, masked=((0, 1), (1, 4))):
+    """Random float64 hidden states and heads, and labels with some positions masked."""
     g = torch.Generator().manual_seed(seed)
-    student = torch.randn(B, T, Vs, generator=g, dtype=torch.float64) * 2
-    teacher = torch.randn(B, T, Vt, generator=g, dtype=torch.float64) * 2
+    hs = torch.randn(B, T, Hs, generator=g, dtype=torch.float64)
+    ws = torch.randn(Vs, Hs, generator=g, dtype=torch.float64)
+    ht = torch.randn(B, T, Ht, generator=g, dtype=torch.float64)
+    wt = torch.randn(Vt, Ht, generator=g, dtype=torch.float64) * 0.7
     labels = torch.randint(0, min(Vs, Vt), (B, T), generator=g)
     for b, t in masked:
         labels[b, t] = IGNORE_INDEX
-    return student, labels, teacher
+    return hs, ws, ht, wt, labels
 
 
-@pytest.mark.parametrize("T", [0.5, 1.0, 2.0])
-@pytest.mark.parametrize("weights", [(0.5, 0.5), (1.0, 0.0), (0.2, 1.0)])
-def test_matches_naive_reference(T, weights):
-    student, labels, teacher = make()
-    ce_w, kd_w = weights
-    out = distill_loss_sums(student, labels, teacher, ce_weight=ce_w, kd_weight=kd_w, temperature=T)
-    ref, ref_ce, ref_kd, n = naive(student, labels, teacher, ce_w, kd_w, T, 11)
-    assert int(out.num_tokens) == n == 8
-    torch.testing.assert_close(out.loss_sum.double(), torch.as_tensor(ref).double(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.ce_sum.double(), torch.as_tensor(ref_ce).double(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.kd_sum.double(), torch.as_tensor(ref_kd).double(), rtol=1e-5, atol=1e-5)
+def options(name):
+    return {"divergence": name, "beta": BETA, "alpha": ALPHA}
 
 
-def test_gradient_matches_naive_reference():
-    student, labels, teacher = make()
-    s1 = student.clone().requires_grad_(True)
-    distill_loss_sums(s1, labels, teacher, temperature=2.0).loss_sum.backward()
-    s2 = student.clone().requires_grad_(True)
-    ref, *_ = naive(s2, labels, teacher, 0.5, 0.5, 2.0, 11)
+@pytest.mark.parametrize("T", TEMPERATURES)
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_logits_path_matches_naive_reference(name, T):
+    hs, ws, ht, wt, labels = make()
+    s_logits, t_logits = hs @ ws.T, ht @ wt.T
+    out = kd_loss_from_logits(s_logits, t_logits, labels, temperature=T, ce_weight=0.3, kd_weight=0.7, **options(name))
+    ref = naive_loss(s_logits, t_logits, labels, name, T, 0.3, 0.7)
+    assert int(out.num_tokens) == 8
+    torch.testing.assert_close(out.loss_sum, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("T", TEMPERATURES)
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_hidden_path_values_and_gradients_match_naive_reference(name, T):
+    hs, ws, ht, wt, labels = make()
+    hs1, ws1 = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+    out = kd_loss_from_hidden(hs1, ws1, labels, ht, wt, temperature=T, chunk_tokens=3, **options(name))
+    out.loss_sum.backward()
+    hs2, ws2 = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+    ref = naive_loss(hs2 @ ws2.T, ht @ wt.T, labels, name, T)
     ref.backward()
-    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.loss_sum, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(hs1.grad, hs2.grad, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(ws1.grad, ws2.grad, rtol=1e-9, atol=1e-11)
 
 
-def test_identical_distributions_give_zero_kd_and_full_agreement():
-    student, labels, _ = make()
-    out = distill_loss_sums(student, labels, student.clone(), temperature=1.7)
-    assert abs(out.kd_sum.item()) < 1e-6
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_chunk_size_does_not_change_the_result(name):
+    hs, ws, ht, wt, labels = make(B=3, T=7, masked=((0, 0), (2, 6)))
+    results = []
+    for chunk in (1, 2, 5, 64):
+        h, w = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+        out = kd_loss_from_hidden(h, w, labels, ht, wt, temperature=1.5, chunk_tokens=chunk, **options(name))
+        out.loss_sum.backward()
+        results.append((out.loss_sum.detach(), out.kd_sum, out.top1_agree, h.grad, w.grad))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_no_full_logits_tensor_is_ever_built(monkeypatch):
+    """Every head matmul covers at most chunk_tokens rows: (B, T, V) logits never exist."""
+    seen = []
+    original = losses._head_logits
+
+    def spy(hidden, weight):
+        seen.append(hidden.shape[0])
+        return original(hidden, weight)
+
+    monkeypatch.setattr(losses, "_head_logits", spy)
+    hs, ws, ht, wt, labels = make(B=4, T=9, masked=())
+    kd_loss_from_hidden(hs.requires_grad_(True), ws, labels, ht, wt, chunk_tokens=4).loss_sum.backward()
+    assert max(seen) <= 4 and sum(seen) == 2 * 36  # both heads, every valid token once
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_identical_teacher_and_student_give_zero(name):
+    hs, ws, _, _, labels = make()
+    out = kd_loss_from_hidden(hs, ws, labels, hs, ws, temperature=1.7, **options(name))
+    assert abs(out.kd_sum.item()) < 1e-12
     assert int(out.top1_agree) == int(out.num_tokens)
+    assert token_divergence(hs[0], hs[0], divergence=name).abs().max() < 1e-12
 
 
-def test_masked_positions_contribute_nothing():
-    student, labels, teacher = make()
-    out = distill_loss_sums(student, labels, teacher)
-    s2, t2 = student.clone(), teacher.clone()
-    s2[0, 1] += 100.0 * torch.randn(11, dtype=torch.float64)  # both masked positions changed wildly
-    t2[1, 4] -= 50.0
-    out2 = distill_loss_sums(s2, labels, t2)
-    assert out.loss_sum.item() == pytest.approx(out2.loss_sum.item(), abs=1e-9)
-    s3 = student.clone().requires_grad_(True)
-    distill_loss_sums(s3, labels, teacher).loss_sum.backward()
-    assert s3.grad[0, 1].abs().max() == 0 and s3.grad[1, 4].abs().max() == 0
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_masked_positions_contribute_nothing(name):
+    hs, ws, ht, wt, labels = make()
+    out = kd_loss_from_hidden(hs, ws, labels, ht, wt, **options(name))
+    hs2, ht2 = hs.clone(), ht.clone()
+    hs2[0, 1] += 100.0  # both masked positions changed wildly
+    ht2[1, 4] -= 50.0
+    out2 = kd_loss_from_hidden(hs2, ws, labels, ht2, wt, **options(name))
+    assert out.loss_sum.item() == pytest.approx(out2.loss_sum.item(), abs=1e-12)
+    h = hs.clone().requires_grad_(True)
+    kd_loss_from_hidden(h, ws, labels, ht, wt, **options(name)).loss_sum.backward()
+    assert h.grad[0, 1].abs().max() == 0 and h.grad[1, 4].abs().max() == 0
+
+
+def test_jsd_at_half_is_symmetric():
+    hs, ws, ht, wt, _ = make()
+    zs, zt = (hs @ ws.T)[0], (ht @ wt.T)[0]
+    a = token_divergence(zs, zt, divergence="jsd", beta=0.5, temperature=2.0)
+    b = token_divergence(zt, zs, divergence="jsd", beta=0.5, temperature=2.0)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert (a > 0).all() and (a <= 4.0 * math.log(2) + 1e-12).all()  # JSD <= log 2, times T^2
+
+
+def test_jsd_endpoints_and_limits_are_the_two_kls():
+    hs, ws, ht, wt, _ = make()
+    zs, zt = (hs @ ws.T)[0], (ht @ wt.T)[0]
+    fkl = token_divergence(zs, zt, divergence="forward_kl")
+    rkl = token_divergence(zs, zt, divergence="reverse_kl")
+    torch.testing.assert_close(token_divergence(zs, zt, divergence="jsd", beta=0.0), fkl)
+    torch.testing.assert_close(token_divergence(zs, zt, divergence="jsd", beta=1.0), rkl)
+    eps = 1e-8  # the documented convention is the limit of JSD / beta (beta -> 0) and JSD / (1 - beta) (beta -> 1)
+    torch.testing.assert_close(token_divergence(zs, zt, divergence="jsd", beta=eps) / eps, fkl, rtol=1e-3, atol=0)
+    torch.testing.assert_close(token_divergence(zs, zt, divergence="jsd", beta=1 - eps) / eps, rkl, rtol=1e-3, atol=0)
+
+
+def test_skew_kls_at_zero_alpha_are_the_plain_kls():
+    hs, ws, ht, wt, _ = make()
+    zs, zt = (hs @ ws.T)[0], (ht @ wt.T)[0]
+    for skew, plain in (("skew_forward_kl", "forward_kl"), ("skew_reverse_kl", "reverse_kl")):
+        torch.testing.assert_close(
+            token_divergence(zs, zt, divergence=skew, alpha=0.0), token_divergence(zs, zt, divergence=plain)
+        )
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_padding_rows_never_leak_into_the_target(name):
+    """Heads padded past the tokenizer (11 ids): the 5 extra teacher rows, even with huge logits, change nothing."""
+    hs, ws, ht, wt, labels = make()
+    big = torch.full((5, wt.shape[1]), 0.0, dtype=torch.float64)
+    big[:, 0] = 1e3  # logits of ~1e3 * ht[..., 0]: would dominate any softmax they entered
+    wt_padded = torch.cat([wt, big])
+    a = kd_loss_from_hidden(hs, ws, labels, ht, wt, vocab_size=11, **options(name))
+    b = kd_loss_from_hidden(hs, ws, labels, ht, wt_padded, vocab_size=11, **options(name))
+    assert a.loss_sum.item() == pytest.approx(b.loss_sum.item(), rel=1e-12)
+    assert int(a.top1_agree) == int(b.top1_agree)
+    # the student head padded too: CE sees its padding rows (as in any model), the KD term does not
+    ws_padded = torch.cat([ws, torch.zeros(5, ws.shape[1], dtype=torch.float64)])
+    c = kd_loss_from_hidden(hs, ws_padded, labels, ht, wt_padded, vocab_size=11, **options(name))
+    assert c.kd_sum.item() == pytest.approx(a.kd_sum.item(), rel=1e-12)
 
 
 def test_sums_add_over_micro_batches():
-    """Sums, not means: two halves add up to the whole batch, whatever their padding."""
-    student, labels, teacher = make(B=4, masked=((0, 0), (0, 1), (0, 2), (3, 3)))
-    whole = distill_loss_sums(student, labels, teacher)
-    a = distill_loss_sums(student[:1], labels[:1], teacher[:1])
-    b = distill_loss_sums(student[1:], labels[1:], teacher[1:])
-    assert whole.loss_sum.item() == pytest.approx(a.loss_sum.item() + b.loss_sum.item(), rel=1e-6)
+    """Sums, not means: two micro-batches add up to the whole batch, whatever their padding."""
+    hs, ws, ht, wt, labels = make(B=4, masked=((0, 0), (0, 1), (0, 2), (3, 3)))
+    whole = kd_loss_from_hidden(hs, ws, labels, ht, wt)
+    a = kd_loss_from_hidden(hs[:1], ws, labels[:1], ht[:1], wt)
+    b = kd_loss_from_hidden(hs[1:], ws, labels[1:], ht[1:], wt)
+    assert whole.loss_sum.item() == pytest.approx(a.loss_sum.item() + b.loss_sum.item(), rel=1e-12)
     assert int(whole.num_tokens) == int(a.num_tokens) + int(b.num_tokens) == 16
 
 
-def test_padded_teacher_vocab_never_leaks_into_the_target():
-    """Teacher head 16 wide, tokenizer 11: the 5 padding logits (even huge ones) must not change the KD term."""
-    student, labels, teacher = make(Vs=11, Vt=11)
-    padded = torch.cat([teacher, torch.full((2, 5, 5), 30.0, dtype=torch.float64)], dim=-1)
-    a = distill_loss_sums(student, labels, teacher, vocab_size=11)
-    b = distill_loss_sums(student, labels, padded, vocab_size=11)
-    assert a.loss_sum.item() == pytest.approx(b.loss_sum.item(), rel=1e-9)
+def test_without_teacher_the_loss_is_cross_entropy():
+    hs, ws, _, _, labels = make()
+    out = kd_loss_from_hidden(hs, ws, labels, ce_weight=0.3, kd_weight=0.7)
+    ref = torch.nn.functional.cross_entropy((hs @ ws.T).view(-1, 11), labels.view(-1), reduction="sum")
+    assert out.loss_sum.item() == pytest.approx(ref.item(), rel=1e-12)
+    assert out.kd_sum.item() == 0.0 and int(out.top1_agree) == 0
 
 
-def test_without_teacher_loss_is_cross_entropy():
-    student, labels, _ = make()
-    out = distill_loss_sums(student, labels, None, ce_weight=0.3, kd_weight=0.7)
-    ref = torch.nn.functional.cross_entropy(student.view(-1, 11), labels.view(-1), reduction="sum")
-    assert out.loss_sum.item() == pytest.approx(ref.item(), rel=1e-6)
-    assert out.kd_sum.item() == 0.0
-
-
-def test_all_positions_masked_gives_zero_sums():
-    student, labels, teacher = make()
+def test_all_positions_masked_gives_zero_sums_and_gradients():
+    hs, ws, ht, wt, labels = make()
     labels[:] = IGNORE_INDEX
-    out = distill_loss_sums(student, labels, teacher)
-    assert out.loss_sum.item() == 0.0 and int(out.num_tokens) == 0
+    h = hs.clone().requires_grad_(True)
+    out = kd_loss_from_hidden(h, ws, labels, ht, wt)
+    out.loss_sum.backward()
+    assert out.loss_sum.item() == 0.0 and int(out.num_tokens) == 0 and h.grad.abs().max() == 0
+
+
+def test_gradient_scales_with_the_upstream_gradient():
+    """backward multiplies the stored gradients by d(outer)/d(loss_sum), as the loop's 1/N scaling needs."""
+    hs, ws, ht, wt, labels = make()
+    h1 = hs.clone().requires_grad_(True)
+    kd_loss_from_hidden(h1, ws, labels, ht, wt).loss_sum.backward()
+    h2 = hs.clone().requires_grad_(True)
+    (kd_loss_from_hidden(h2, ws, labels, ht, wt).loss_sum * 0.125).backward()
+    torch.testing.assert_close(h2.grad, h1.grad * 0.125)
+
+
+def test_bf16_inputs_stay_close_to_the_fp32_result():
+    hs, ws, ht, wt, labels = make(Hs=64, Ht=64, Vs=50, Vt=50)
+    ref = kd_loss_from_hidden(hs.float(), ws.float(), labels, ht.float(), wt.float())
+    low = kd_loss_from_hidden(hs.bfloat16(), ws.bfloat16(), labels, ht.bfloat16(), wt.bfloat16())
+    assert low.loss_sum.dtype == torch.float32
+    assert low.loss_sum.item() == pytest.approx(ref.loss_sum.item(), rel=2e-2)
+
+
+def test_mismatched_inputs_are_errors():
+    hs, ws, ht, wt, labels = make()
+    with pytest.raises(ValueError, match="both teacher_hidden and teacher_head"):
+        kd_loss_from_hidden(hs, ws, labels, ht, None)
+    with pytest.raises(ValueError, match="teacher hidden"):
+        kd_loss_from_hidden(hs, ws, labels, ht[:1], wt)
+    with pytest.raises(ValueError, match="unknown divergence"):
+        token_divergence(hs[0], hs[0], divergence="hellinger")

@@ -1,6 +1,6 @@
 """2 ranks x 2 micro-batches under ZeRO-3 vs one process on the full batch: the step's gradients must be equal.
 
-    torchrun --standalone --nproc_per_node 2 tests/distributed/grad_equivalence.py WORK_DIR
+    torchrun --standalone --nproc_per_node 2 tests/distributed/grad_equivalence.py WORK_DIR [DIVERGENCE]
 
 WORK_DIR holds teacher/ and student/ (tiny HF models) and ds_student.json / ds_teacher.json (stage 3, persistence
 threshold 0, so every parameter is really sharded). The student engine uses SGD with no clipping, so the weight change
@@ -43,9 +43,11 @@ def main() -> None:
 
     from minima import engine as ds
     from minima.distill import train_step
-    from minima.losses import distill_loss_sums
+    from minima.losses import kd_loss_from_logits
 
-    kd = KDConfig(ce_weight=0.3, kd_weight=0.7, temperature=2.0)
+    divergence = sys.argv[2] if len(sys.argv) > 2 else "forward_kl"
+    # chunk_tokens=5: each micro-batch's loss runs over several chunks of the gathered heads
+    kd = KDConfig(ce_weight=0.3, kd_weight=0.7, temperature=2.0, divergence=divergence, beta=0.3, chunk_tokens=5)
     student_ds = json.loads((work / "ds_student.json").read_text())
     teacher_ds = json.loads((work / "ds_teacher.json").read_text())
     student_ds.update(
@@ -90,14 +92,9 @@ def main() -> None:
         labels = torch.cat([mb.labels for mb in batches])
         with torch.no_grad():
             t_logits = ref_teacher(input_ids=ids).logits
-        terms = distill_loss_sums(
-            ref_student(input_ids=ids).logits,
-            labels,
-            t_logits,
-            ce_weight=kd.ce_weight,
-            kd_weight=kd.kd_weight,
-            temperature=kd.temperature,
-            vocab_size=VOCAB,
+        # The reference takes the plain path: full logits of both models, one batch, sum / N.
+        terms = kd_loss_from_logits(
+            ref_student(input_ids=ids).logits, t_logits, labels, **kd.loss_kwargs(), vocab_size=VOCAB
         )
         (terms.loss_sum / terms.num_tokens).backward()
         ref = {n: p.grad for n, p in ref_student.named_parameters()}
@@ -108,14 +105,8 @@ def main() -> None:
         for mb in batches:
             with torch.no_grad():
                 t = ref_teacher(input_ids=mb.input_ids).logits
-            mb_terms = distill_loss_sums(
-                ref_student(input_ids=mb.input_ids).logits,
-                mb.labels,
-                t,
-                ce_weight=kd.ce_weight,
-                kd_weight=kd.kd_weight,
-                temperature=kd.temperature,
-                vocab_size=VOCAB,
+            mb_terms = kd_loss_from_logits(
+                ref_student(input_ids=mb.input_ids).logits, t, mb.labels, **kd.loss_kwargs(), vocab_size=VOCAB
             )
             (mb_terms.loss_sum / mb_terms.num_tokens / len(batches)).backward()
         naive = {n: p.grad for n, p in ref_student.named_parameters()}
