@@ -113,7 +113,7 @@ class KDConfig:
     alpha: float = 0.1
     """Skew KLs' weight of the matched distribution in the mixture, in [0, 1) (0 = plain KL)."""
     chunk_tokens: int = 0
-    """Tokens per chunk of the loss over the output heads (0 = sized so a chunk's fp32 temporaries stay ~256 MiB)."""
+    """Tokens per chunk of the loss over the output heads (0 = automatic: ~256 MiB of temporaries, 1 GiB on GPU)."""
 
     def __post_init__(self) -> None:
         if self.ce_weight < 0 or self.kd_weight < 0 or self.ce_weight + self.kd_weight == 0:

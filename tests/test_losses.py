@@ -251,3 +251,11 @@ def test_mismatched_inputs_are_errors():
         kd_loss_from_hidden(hs, ws, labels, ht[:1], wt)
     with pytest.raises(ValueError, match="unknown divergence"):
         token_divergence(hs[0], hs[0], divergence="hellinger")
+
+
+def test_a_second_backward_is_refused():
+    hs, ws, ht, wt, labels = make()
+    out = kd_loss_from_hidden(hs.clone().requires_grad_(True), ws, labels, ht, wt)
+    out.loss_sum.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per call"):
+        out.loss_sum.backward()
