@@ -112,6 +112,8 @@ class KDConfig:
     """Generalized JSD's teacher weight in [0, 1] (0 = forward KL, 1 = reverse KL, 0.5 = symmetric JSD)."""
     alpha: float = 0.1
     """Skew KLs' weight of the matched distribution in the mixture, in [0, 1) (0 = plain KL)."""
+    compile: Literal["auto", "always", "never"] = "auto"
+    """Fuse each loss chunk's elementwise work with torch.compile: auto = on GPUs (triton), never on CPUs."""
     chunk_tokens: int = 0
     """Tokens per chunk of the loss over the output heads (0 = automatic: ~256 MiB of temporaries, 1 GiB on GPU)."""
 

@@ -293,6 +293,7 @@ def train_step(
                 **kd.loss_kwargs(),
                 vocab_size=vocab_size,
                 chunk_tokens=kd.chunk_tokens or None,
+                compiled=kd.compile == "always" or (kd.compile == "auto" and world.device.type == "cuda"),
             )
             student.backward(terms.loss_sum * world.world_size / max(num_valid, 1.0), scale_wrt_gas=False)
         student.step()  # DeepSpeed updates only at the accumulation boundary

@@ -227,7 +227,8 @@ def test_gradients_equal_single_process_full_batch(tmp_path, sharded_ds_configs,
 
 
 def test_single_process_run_without_launcher(tiny_prepared_data, tmp_path):
-    """`python -m minima.distill` makes a world of one by itself; teacher=null is plain LM training."""
+    """`python -m minima.distill` makes a world of one by itself; teacher=null is plain LM training; activation
+    checkpointing recomputes the layers under the chunked loss."""
     out = tmp_path / "single"
     args = [
         f"data.dir={tiny_prepared_data}",
@@ -238,6 +239,7 @@ def test_single_process_run_without_launcher(tiny_prepared_data, tmp_path):
         f"run.tokens_per_step={2 * SEQ}",
         "run.max_steps=2",
         f"run.eval_tokens={8 * SEQ}",
+        "run.activation_checkpointing=true",
         f"run.out_dir={out}",
     ]
     launch(args, launcher="python")
