@@ -115,7 +115,8 @@ class KDConfig:
     compile: Literal["auto", "always", "never"] = "auto"
     """Fuse each loss chunk's elementwise work with torch.compile: auto = on GPUs (triton), never on CPUs."""
     chunk_tokens: int = 0
-    """Tokens per chunk of the loss over the output heads (0 = automatic: ~256 MiB of temporaries, 1 GiB on GPU)."""
+    """Tokens per chunk of the loss over the output heads (0 = automatic: a (chunk, vocab) fp32 tensor ~32 MiB, 128 MiB
+    when compiled)."""
 
     def __post_init__(self) -> None:
         if self.ce_weight < 0 or self.kd_weight < 0 or self.ce_weight + self.kd_weight == 0:

@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from minima.data import IGNORE_INDEX
 from minima.divergences import token_divergence
 
-# Chunk size when none is given: the fp32 temporaries of one chunk (about 8 tensors of chunk x V: both models'
-# logits, log-probabilities, probabilities, the logits' gradient) stay near this many bytes. GPUs get more: their
-# matrix units want tall chunks (256 tokens at a 128k vocabulary) and each chunk costs ~20 kernel launches.
-CHUNK_BYTES = {"cuda": 2**30, "cpu": 2**28}
+# Chunk size when none is given: one (chunk, V) fp32 tensor stays near this many bytes. Eager chunks keep about 8
+# such tensors alive (both models' logits, log-probabilities, probabilities, the gradient); compiled chunks fuse most
+# of them away, so they can be taller, which the head matmuls need to run efficiently (measured on CPU: 512 tokens
+# compiled beat 128, and 128 beat 512 eager; 256 at a 128k vocabulary is also Liger's choice on GPUs).
+CHUNK_TENSOR_BYTES = {"eager": 2**25, "compiled": 2**27}
 
 
 @dataclass
@@ -138,10 +139,9 @@ def _head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _upcast(torch.mm(hidden, weight.t()))
 
 
-def default_chunk_tokens(vocab_size: int, device: torch.device | str = "cpu") -> int:
-    """Tokens per chunk so that one chunk's fp32 temporaries stay near CHUNK_BYTES (a power of two, >= 16)."""
-    budget = CHUNK_BYTES.get(torch.device(device).type, CHUNK_BYTES["cpu"])
-    n = max(16, budget // (32 * vocab_size))
+def default_chunk_tokens(vocab_size: int, compiled: bool = False) -> int:
+    """Tokens per chunk so that a (chunk, V) fp32 tensor stays near CHUNK_TENSOR_BYTES (a power of two, >= 16)."""
+    n = max(16, CHUNK_TENSOR_BYTES["compiled" if compiled else "eager"] // (4 * vocab_size))
     return 1 << (n.bit_length() - 1)
 
 
@@ -245,8 +245,8 @@ def kd_loss_from_hidden(
         ce_weight, kd_weight: weights of the two terms.
         divergence, temperature, beta, alpha: see ``minima.divergences.token_divergence``.
         vocab_size: the shared tokenizer length compared by the KD term (default: min(V_s, V_t)).
-        chunk_tokens: valid tokens per chunk (default: :func:`default_chunk_tokens`, 128 on CPU and 256 on GPU
-            at a 128k vocabulary); the result does not depend on it beyond floating-point rounding.
+        chunk_tokens: valid tokens per chunk (default: :func:`default_chunk_tokens`: at a 49k vocabulary 128, or 512
+            when compiled); the result does not depend on it beyond floating-point rounding.
         compiled: fuse each chunk's elementwise work (softmaxes, divergence, gradient) with torch.compile; several
             times faster once compiled (seconds per new chunk shape), worth it for training, not for tiny inputs.
     """
@@ -272,7 +272,7 @@ def kd_loss_from_hidden(
         flat_labels[rows],
         spec,
         vocab_size,
-        chunk_tokens or default_chunk_tokens(max(v_s, vocab_size), student_hidden.device),
+        chunk_tokens or default_chunk_tokens(max(v_s, vocab_size), compiled),
         compiled,
     )
     return LossSums(loss, ce, kd, torch.tensor(rows.numel(), device=rows.device), agree)
