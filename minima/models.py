@@ -45,15 +45,24 @@ def hf_config(model: ModelConfig, key: str, defaults: dict[str, Any]) -> Pretrai
         raise ConfigError(f"{key}.arch.model_type={model_type!r}: {e}") from None
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def has_weights(path: str | Path) -> bool:
+    """Whether a model directory holds weights (else it is an architecture only, e.g. a written student config)."""
+    return any(any(Path(path).glob(pattern)) for pattern in WEIGHT_FILES)
+
+
 def build_model(
     model: ModelConfig, config: PretrainedConfig, *, dtype: torch.dtype, attn_implementation: str
 ) -> PreTrainedModel:
-    """``from_pretrained`` for a directory, ``from_config`` (fresh init) for an architecture.
+    """``from_pretrained`` for a directory with weights; ``from_config`` (fresh init) for an architecture, given as
+    ``arch`` or as a directory holding only a config.json (as ``tools/pick_student_size.py --write-config`` writes).
 
     Called inside the ZeRO-3 scope of ``minima.engine.load_model`` so that transformers partitions at construction.
     """
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
-    if model.path is not None:
+    if model.path is not None and has_weights(model.path):
         return AutoModelForCausalLM.from_pretrained(model.path, config=config, **kwargs)
     return AutoModelForCausalLM.from_config(config, **kwargs)
 

@@ -50,3 +50,21 @@ def test_attention_choice_on_cpu():
     assert choose_attn_implementation("eager", cpu) == "eager"
     with pytest.raises(ConfigError, match=r"flash_attention_2 needs a CUDA GPU"):
         choose_attn_implementation("flash_attention_2", cpu)
+
+
+def test_a_directory_with_only_a_config_is_an_architecture(tmp_path):
+    """A written student config (no weights) builds a fresh model of that shape; a directory with weights loads them."""
+    from minima.models import build_model, has_weights
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    cfg.save_pretrained(tmp_path / "arch")
+    assert not has_weights(tmp_path / "arch")
+    spec = ModelConfig(path=str(tmp_path / "arch"))
+    model = build_model(spec, hf_config(spec, "student", {}), dtype=torch.float32, attn_implementation="sdpa")
+    assert model.config.hidden_size == 16
+    trained = AutoModelForCausalLM.from_config(cfg)
+    trained.save_pretrained(tmp_path / "weights")
+    assert has_weights(tmp_path / "weights")
+    spec = ModelConfig(path=str(tmp_path / "weights"))
+    loaded = build_model(spec, hf_config(spec, "student", {}), dtype=torch.float32, attn_implementation="sdpa")
+    torch.testing.assert_close(loaded.lm_head.weight, trained.lm_head.weight)
