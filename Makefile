@@ -9,7 +9,7 @@ STAMP := $(VENV)/.minima-installed
 # hashes build commands differently, so alternating between the two rebuilds the op (~30 s) every time.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test test-slow lint format clean
+.PHONY: install demo test lint format clean
 
 install: $(STAMP)
 

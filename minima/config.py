@@ -40,9 +40,12 @@ class ModelConfig:
     """Transformers config fields (``model_type`` plus sizes) for a randomly initialised model (tiny test models)."""
 
     def __post_init__(self) -> None:
-        if (self.path is None) == (self.arch is None):
+        if self.path is None and self.arch is None:
+            raise ConfigError("a model needs 'path' (a local HF model directory) or 'arch' (config fields)")
+        if self.path is not None and self.arch is not None:
             raise ConfigError(
-                "a model needs exactly one of 'path' (a local HF model directory) or 'arch' (config fields)"
+                "both 'path' and 'arch' are set (a recipe's 'arch' stays when an override adds 'path'): replace the"
+                " section, e.g. student='{path: DIR}', or add student.arch=null"
             )
         if self.arch is not None and "model_type" not in self.arch:
             raise ConfigError("'arch' needs a 'model_type' (e.g. llama) next to its sizes")

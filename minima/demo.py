@@ -3,12 +3,15 @@
 1. Train a sentencepiece tokenizer on the CPython standard library source found on this machine.
 2. Write token shards and a held-out split with ``tools/prepare_data.py``'s code.
 3. Train a small teacher from scratch (``teacher=null``).
-4. Distil a smaller student from it (the ``tiny_cpu`` recipe: 0.5 CE + 0.5 KD at T=1).
-5. Train the same student architecture for the same tokens without KD (the baseline).
-6. Evaluate the three exported Hugging Face models on the held-out shards; print a table, write summary.json.
+4. Size the student with the law of capacity gap (``tools/pick_student_size.py --write-config``: the top-ranked
+   architecture of the teacher's family).
+5. Initialise it by structured pruning of the teacher (``tools/prune_to_student.py``, calibrated on the train split).
+6. Distil the pruned student (the ``tiny_cpu`` recipe: 0.5 CE + 0.5 KD at T=1).
+7. Two baselines for the same tokens without KD: the same pruned init, and a random init of the same shape.
+8. Evaluate the four exported Hugging Face models on the held-out shards; print a table, write summary.json.
 
-Steps 3-5 are real ``deepspeed`` launches of ``minima.distill`` (2 ranks under ZeRO-3 on CPU, or one per GPU); the
-commands are printed so that they can be rerun by hand.
+Steps 3, 6 and 7 are real ``deepspeed`` launches of ``minima.distill`` (2 ranks under ZeRO-3 on CPU, or one per GPU);
+every command is printed so that it can be rerun by hand.
 """
 
 from __future__ import annotations
@@ -26,19 +29,21 @@ from pathlib import Path
 
 import torch
 
+from minima.config import REPO_ROOT
 from minima.dist import free_port
 from minima.evaluate import evaluate_model
 from minima.prepare import prepare_data
 from minima.tokenizer import train_sentencepiece
 
-# The demo's teacher: ~2.7x the student's non-embedding parameters, the ratio the law of capacity gap favours.
+# The demo's teacher (3.4M parameters); its student's size comes from the law of capacity gap (step 4).
 TEACHER_ARCH = (
     "{model_type: llama, hidden_size: 192, intermediate_size: 512, num_hidden_layers: 6, num_attention_heads: 6,"
     " num_key_value_heads: 6, max_position_embeddings: 256, tie_word_embeddings: false}"
 )
 TEACHER_TOKENS = 1_048_576
-STUDENT_TOKENS = 524_288
+STUDENT_TOKENS = 131_072  # while the student is below the teacher: KD helps most there (README)
 VOCAB_SIZE = 2048  # small: at this width the output head is a large share of a tiny model's compute
+SEQ_LEN = 256  # the tiny_cpu recipe's, within the teacher's max_position_embeddings
 
 
 def stdlib_files(max_bytes: int) -> list[Path]:
@@ -58,6 +63,13 @@ def stdlib_files(max_bytes: int) -> list[Path]:
     if total < max_bytes // 4:
         raise SystemExit(f"found only {total} bytes of Python source under {root}; the demo needs a standard library")
     return files
+
+
+def run_tool(script: str, args: list[str], log) -> str:
+    """Run ``tools/<script>`` with this interpreter; return its standard output (its progress goes to stderr)."""
+    cmd = [sys.executable, str(REPO_ROOT / "tools" / script), *args]
+    log(f"$ {shlex.join(cmd)}")
+    return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
 
 
 def launch(out_dir: Path, overrides: list[str], num_ranks: int, log) -> dict:
@@ -92,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-tokens", type=int, default=TEACHER_TOKENS)
     parser.add_argument("--student-tokens", type=int, default=STUDENT_TOKENS)
     parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
+    parser.add_argument("--calib-windows", type=int, default=128, help="pruning's calibration windows")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -118,33 +131,51 @@ def main(argv: list[str] | None = None) -> int:
         log,
     )
     teacher_dir = Path(teacher["export_dir"])
-    kd = launch(
-        out / "student_kd",
-        [*data, f"teacher.path={teacher_dir}", f"run.total_tokens={args.student_tokens}"],
-        args.num_ranks,
-        log,
-    )
-    baseline = launch(
-        out / "student_baseline",
-        [*data, "teacher=null", f"run.total_tokens={args.student_tokens}"],
-        args.num_ranks,
-        log,
-    )
 
-    log("evaluating the three exported models on the whole held-out split")
-    seq_len = 256
-    runs = {"teacher": teacher, "student_kd": kd, "student_baseline": baseline}
-    evals = {name: evaluate_model(m["export_dir"], data_dir, seq_len=seq_len) for name, m in runs.items()}
+    arch_dir, init_dir = out / "student_arch", out / "student_init"
+    sizing = json.loads(
+        run_tool(
+            "pick_student_size.py", ["--teacher", str(teacher_dir), "--json", "--write-config", str(arch_dir)], log
+        )
+    )
+    chosen = sizing["written_config"]
+    log(
+        f"law of capacity gap: optimal student {sizing['optimal_student']['total_params'] / 1e6:.2f}M"
+        f" ({sizing['optimal_student']['form']} form); chosen {chosen['layers']}L x {chosen['hidden']}, FFN"
+        f" {chosen['ffn']} ({chosen['derivation']}), {chosen['total_params'] / 1e6:.2f}M"
+    )
+    prune_args = ["--teacher", str(teacher_dir), "--target", str(arch_dir), "--calib", str(data_dir / "train")]
+    prune_args += ["--out", str(init_dir), "--seq-len", str(SEQ_LEN), "--calib-windows", str(args.calib_windows)]
+    run_tool("prune_to_student.py", prune_args, log)
+
+    # name: (teacher, student init); all three students get the same tokens in the same order
+    students = {
+        "student_kd": (f"teacher.path={teacher_dir}", init_dir),
+        "student_pruned_ce": ("teacher=null", init_dir),
+        "student_scratch_ce": ("teacher=null", arch_dir),  # only a config.json: a random init of the same shape
+    }
+    runs = {"teacher": teacher}
+    for name, (teacher_override, init) in students.items():
+        overrides = [*data, teacher_override, f"student={{path: {init}}}", f"run.total_tokens={args.student_tokens}"]
+        runs[name] = launch(out / name, overrides, args.num_ranks, log)
+
+    log("evaluating the exported models on the whole held-out split")
+    inits = {"teacher": "random", "student_kd": "pruned", "student_pruned_ce": "pruned", "student_scratch_ce": "random"}
+    evals = {name: evaluate_model(m["export_dir"], data_dir, seq_len=SEQ_LEN) for name, m in runs.items()}
+    loss = {name: e["loss"] for name, e in evals.items()}
     result = {
-        "teacher_val_loss": evals["teacher"]["loss"],
-        "student_kd_val_loss": evals["student_kd"]["loss"],
-        "student_baseline_val_loss": evals["student_baseline"]["loss"],
-        "kd_minus_baseline": evals["student_kd"]["loss"] - evals["student_baseline"]["loss"],
-        "student_export_dir": kd["export_dir"],
+        "teacher_val_loss": loss["teacher"],
+        "student_kd_val_loss": loss["student_kd"],
+        "student_pruned_ce_val_loss": loss["student_pruned_ce"],
+        "student_scratch_ce_val_loss": loss["student_scratch_ce"],
+        "kd_minus_ce": loss["student_kd"] - loss["student_pruned_ce"],
+        "pruned_minus_scratch": loss["student_pruned_ce"] - loss["student_scratch_ce"],
+        "student_size": {key: sizing[key] for key in ("law", "optimal_student", "written_config")},
+        "student_export_dir": runs["student_kd"]["export_dir"],
         "tensorboard_dir": str(out),
         "held_out_tokens": evals["teacher"]["tokens"],
         "runs": {
-            name: {**m, "held_out_loss": evals[name]["loss"], "held_out_ppl": evals[name]["ppl"]}
+            name: {**m, "init": inits[name], "held_out_loss": evals[name]["loss"], "held_out_ppl": evals[name]["ppl"]}
             for name, m in runs.items()
         },
         "wall_s": round(time.time() - t_start, 1),
@@ -152,12 +183,20 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.json").write_text(json.dumps(result, indent=2))
 
     print(f"\nheld-out loss on {evals['teacher']['tokens']} tokens of unseen standard-library files (nats/token)\n")
-    print(f"{'model':<18}{'params':>10}{'train tokens':>14}{'val loss':>10}{'val ppl':>10}")
+    print(f"{'model':<20}{'init':>8}{'params':>10}{'train tokens':>14}{'val loss':>10}{'val ppl':>10}")
     for name, m in runs.items():
         e = evals[name]
-        print(f"{name:<18}{m['student_params'] / 1e6:>9.2f}M{m['tokens_seen']:>14}{e['loss']:>10.4f}{e['ppl']:>10.2f}")
-    verdict = "beats" if result["kd_minus_baseline"] < 0 else "does NOT beat"
-    print(f"\nthe KD student {verdict} the baseline by {abs(result['kd_minus_baseline']):.4f} nats/token")
+        print(
+            f"{name:<20}{inits[name]:>8}{m['student_params'] / 1e6:>9.2f}M{m['tokens_seen']:>14}"
+            f"{e['loss']:>10.4f}{e['ppl']:>10.2f}"
+        )
+
+    print()
+    for what, gain in (
+        ("KD vs CE alone, same pruned init:", -result["kd_minus_ce"]),
+        ("pruned vs random init, CE alone: ", -result["pruned_minus_scratch"]),
+    ):
+        print(f"{what} {'better' if gain > 0 else 'NOT better'} by {gain:+.4f} nats/token")
     print(f"summary: {out / 'summary.json'}   TensorBoard: tensorboard --logdir {out}   ({result['wall_s']:.0f} s)")
     return 0
 
