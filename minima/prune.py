@@ -3,19 +3,12 @@
     python tools/prune_to_student.py --teacher /models/Llama-2-7b-hf --target runs/size/config.json \\
         --calib /data/minima-pretrain/train --out /ckpt/minima-3b-init
 
-1. **Importance.** Multiplicative masks, all 1 so the model is unchanged, sit on every attention head's output
-   (before ``o_proj``), every FFN neuron's activation (before ``down_proj``) and every hidden dimension of the
-   residual stream (one mask, applied at the embedding output and at every decoder layer's output). Forward hooks
-   apply them; the teacher's own weights are frozen and get no gradient. Over the calibration windows, the
-   importance of a unit is the sum over batches of ``|d loss / d mask|`` with loss = mean next-token cross-entropy
-   of the batch; head and neuron importances are then divided, layer by layer, by their L2 norm (and the hidden
-   importance by its own), so that layers are comparable in the summaries. The selection itself is uniform (the
-   same number of heads and neurons in every layer), so this normalisation never changes which units are kept.
+1. **Importance** of every head, FFN neuron, hidden dimension and layer, measured on calibration windows by
+   ``minima.importance`` (mask gradients, per-layer L2 normalisation, block influence; see its docstring).
 2. **Layers.** ``symmetric`` (MiniMA) drops ``d = L_teacher - L_student`` layers from both ends, keeping
    ``layers[d // 2 : L_teacher - (d - d // 2)]``: an odd difference drops its extra layer at the output end, which
    keeps the earliest layers, the ones every later layer builds on. ``importance`` drops the layers of least
-   *block influence* ``1 - mean_t cos(x_in_t, x_out_t)`` over the calibration tokens (ShortGPT): a layer whose
-   output points where its input did changes the residual stream least.
+   *block influence* (ShortGPT): those that change the residual stream least.
 3. **Heads (GQA).** Query heads come in ``K`` groups of ``g = H / K`` sharing a kv head. A target of ``h`` heads and
    ``k`` kv heads keeps ``h / k`` query heads per kept kv head, which needs ``k | h`` and ``h / k <= g``. Each group
    first picks its ``h / k`` most important query heads; then the ``k`` groups whose picked heads have the largest
@@ -38,22 +31,20 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from minima.config import ModelConfig, load_ds_config
-from minima.data import IGNORE_INDEX, Batch, DataError, TokenShards
-from minima.losses import kd_loss_from_hidden
-from minima.models import check_vocab, choose_attn_implementation, final_hidden, has_weights, output_head
+from minima.data import TokenShards
+from minima.importance import Importance, Shape, accumulate_importance, calibration_batches, normalised
+from minima.models import check_vocab, choose_attn_implementation, has_weights
 
 FAMILY = ("llama", "mistral", "qwen2")
 """Model types with LLaMA's module layout (q/k/v/o_proj, gate/up/down_proj, RMSNorms); qwen2 adds q/k/v biases."""
@@ -74,36 +65,6 @@ class PruneError(ValueError):
     """A teacher, target or option that cannot be pruned as asked; the message names the value and what to do."""
 
 
-@dataclass(frozen=True)
-class Shape:
-    """The sizes that pruning changes. ``head_dim`` None means the teacher's (explicit sizes on the command line)."""
-
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    ffn: int
-    head_dim: int | None = None
-
-    @classmethod
-    def of(cls, config: PretrainedConfig | dict[str, Any], where: str = "config") -> Shape:
-        """The shape of a transformers config (or its ``config.json`` dict); a missing key is an error naming where."""
-        get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
-        keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
-        missing = [key for key in keys if get(key) is None]
-        if missing:
-            raise PruneError(f"{where} lacks {missing}: give a LLaMA-family transformers config.json")
-        heads = int(get("num_attention_heads"))
-        return cls(
-            layers=int(get("num_hidden_layers")),
-            hidden=int(get("hidden_size")),
-            heads=heads,
-            kv_heads=int(get("num_key_value_heads") or heads),
-            ffn=int(get("intermediate_size")),
-            head_dim=int(get("head_dim") or int(get("hidden_size")) // max(heads, 1)),
-        )
-
-
 def read_target(path: str | Path) -> Shape:
     """The target shape from a transformers ``config.json``, given as the file or the directory holding it."""
     path = Path(path)
@@ -116,7 +77,15 @@ def read_target(path: str | Path) -> Shape:
         raise PruneError(f"target {file} is not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise PruneError(f"target {file} must hold a JSON object (a transformers config), got {type(raw).__name__}")
-    return Shape.of(raw, where=f"target {file}")
+    return shape_of(raw, where=f"target {file}")
+
+
+def shape_of(config: PretrainedConfig | dict[str, Any], where: str) -> Shape:
+    """``Shape.of``, with a missing size reported as a PruneError (the error the tool reports)."""
+    try:
+        return Shape.of(config, where)
+    except ValueError as e:
+        raise PruneError(str(e)) from None
 
 
 def check_target(teacher: Shape, target: Shape, where: str = "target") -> Shape:
@@ -151,143 +120,6 @@ def check_target(teacher: Shape, target: Shape, where: str = "target") -> Shape:
             f" head keeps only its own query heads; use num_key_value_heads >= {math.ceil(target.heads / group)}"
         )
     return Shape(**{**asdict(target), "head_dim": teacher.head_dim})
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Importance: mask gradients through forward hooks on an unmodified transformers model.
-
-
-@dataclass
-class Importance:
-    """Raw sums over this process's calibration batches (add them over ranks before selecting).
-
-    Attributes:
-        heads: (L, H) float64 sum over batches of |d loss / d head mask|.
-        neurons: (L, F) float64, the same for FFN neurons.
-        hidden: (D,) float64, the same for the residual-stream dimensions.
-        cos_sum: (L,) float64 sum over valid tokens of cos(layer input, layer output).
-        tokens: valid (predicted) calibration tokens.
-    """
-
-    heads: torch.Tensor
-    neurons: torch.Tensor
-    hidden: torch.Tensor
-    cos_sum: torch.Tensor
-    tokens: int
-
-    def flat(self) -> torch.Tensor:
-        return torch.cat([self.heads.flatten(), self.neurons.flatten(), self.hidden, self.cos_sum, self.tokens_t()])
-
-    def tokens_t(self) -> torch.Tensor:
-        return torch.tensor([float(self.tokens)], dtype=torch.float64)
-
-    @classmethod
-    def unflat(cls, flat: torch.Tensor, like: Importance) -> Importance:
-        sizes = [like.heads.numel(), like.neurons.numel(), like.hidden.numel(), like.cos_sum.numel(), 1]
-        h, n, d, c, t = flat.double().cpu().split(sizes)
-        return cls(h.view_as(like.heads), n.view_as(like.neurons), d, c, round(float(t)))
-
-
-@contextmanager
-def importance_masks(model: torch.nn.Module, shape: Shape, valid: list[torch.Tensor]) -> Iterator[dict]:
-    """Install all-ones masks (fp32, requires_grad) through hooks; yields them with the block-influence sums.
-
-    ``valid`` is a one-element list holding the current batch's (B, T) bool mask of predicted positions, read by
-    the block-influence hook. The masks multiply in fp32 and cast back, so that their gradients are fp32 sums even
-    for a bf16 model; at 1 they change nothing (bit for bit).
-    """
-    decoder = model.get_decoder()
-    masks = {
-        "heads": torch.ones(shape.layers, shape.heads, requires_grad=True),
-        "neurons": torch.ones(shape.layers, shape.ffn, requires_grad=True),
-        "hidden": torch.ones(shape.hidden, requires_grad=True),
-        "cos_sum": torch.zeros(shape.layers, dtype=torch.float64),
-    }
-
-    def scale(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return (x.float() * mask.to(x.device)).to(x.dtype)
-
-    def head_hook(i: int) -> Callable:
-        def hook(module, args):  # o_proj input (B, T, H * head_dim): heads side by side
-            x = args[0]
-            per_head = x.view(*x.shape[:-1], shape.heads, shape.head_dim)
-            return (scale(per_head, masks["heads"][i][:, None]).view_as(x), *args[1:])
-
-        return hook
-
-    def neuron_hook(i: int) -> Callable:
-        def hook(module, args):  # down_proj input (B, T, F): act(gate) * up
-            return (scale(args[0], masks["neurons"][i]), *args[1:])
-
-        return hook
-
-    def layer_hook(i: int) -> Callable:
-        def hook(module, args, kwargs, output):  # decoder layer: residual stream in -> out (B, T, D)
-            out = output[0] if isinstance(output, tuple) else output
-            x_in = args[0] if args else kwargs["hidden_states"]
-            with torch.no_grad():
-                cos = F.cosine_similarity(x_in.float(), out.float(), dim=-1)  # (B, T)
-                masks["cos_sum"][i] += cos[valid[0]].double().sum().cpu()
-            out = scale(out, masks["hidden"])
-            return (out, *output[1:]) if isinstance(output, tuple) else out
-
-        return hook
-
-    handles = [decoder.embed_tokens.register_forward_hook(lambda m, a, out: scale(out, masks["hidden"]))]
-    for i, layer in enumerate(decoder.layers):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(neuron_hook(i)))
-        handles.append(layer.register_forward_hook(layer_hook(i), with_kwargs=True))
-    try:
-        yield masks
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def accumulate_importance(
-    model: torch.nn.Module,
-    batches: Iterator[Batch],
-    shape: Shape,
-    device: torch.device,
-    *,
-    gathered: Callable[[list], AbstractContextManager] = lambda params: nullcontext(),
-    show_progress: bool = True,
-    total: int | None = None,
-) -> Importance:
-    """Sum |mask gradient| over ``batches`` (loss = the batch's mean next-token CE) and the block-influence cosines.
-
-    ``model`` is a transformers causal LM whose parameters do not require grad (under ZeRO-3, the engine's module:
-    its hooks gather the shards for forward and again for backward). ``gathered`` makes the output head whole
-    around the chunked CE (``minima.engine.gathered`` under ZeRO-3).
-    """
-    valid: list[torch.Tensor] = [torch.zeros(0, dtype=torch.bool)]
-    tokens = 0
-    with importance_masks(model, shape, valid) as masks:
-        sums = {k: torch.zeros_like(masks[k], dtype=torch.float64) for k in ("heads", "neurons", "hidden")}
-        for batch in tqdm(
-            batches, total=total, desc="importance", unit="batch", file=sys.stderr, disable=not show_progress
-        ):
-            input_ids, labels = batch.input_ids.to(device), batch.labels.to(device)
-            valid[0] = labels != IGNORE_INDEX
-            hidden = final_hidden(model, input_ids)  # (B, T, D); the chunked CE never builds (B, T, V) logits
-            with gathered([output_head(model)]):
-                terms = kd_loss_from_hidden(hidden, output_head(model), labels)
-            n = int(terms.num_tokens)
-            # Every rank runs every backward, even on an all-padding batch (ZeRO-3 gathers inside it).
-            (terms.loss_sum / max(n, 1)).backward()
-            for key, total_abs in sums.items():
-                total_abs += masks[key].grad.abs().double()
-                masks[key].grad = None
-            tokens += n
-        cos_sum = masks["cos_sum"].clone()
-    return Importance(sums["heads"], sums["neurons"], sums["hidden"], cos_sum, tokens)
-
-
-def normalised(importance: torch.Tensor) -> torch.Tensor:
-    """Each row (a layer's vector; or the whole vector if 1-D) divided by its L2 norm; all-zero rows stay zero."""
-    norm = importance.norm(dim=-1, keepdim=True)
-    return importance / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -462,54 +294,7 @@ def student_state_dict(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Calibration data, the teacher, and the whole job.
-
-
-def calibration_batches(
-    shards: TokenShards,
-    *,
-    seq_len: int,
-    num_windows: int,
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-) -> list[Batch]:
-    """This rank's calibration batches: ``num_windows`` windows of ``seq_len + 1`` tokens drawn without replacement
-    from the whole split (a seeded sample, so not just its first documents), cut like the training windows.
-
-    Global batch ``b`` holds sampled windows ``[b * batch_size, (b + 1) * batch_size)`` and goes to rank
-    ``b % world_size``, so the batches, and hence the summed importances, do not depend on the number of ranks.
-    Ranks left without a batch in the last round get one all-padding row (labels IGNORE_INDEX, no loss), because
-    every rank must run every forward and backward under ZeRO-3.
-    """
-    if seq_len < 1 or num_windows < 1 or batch_size < 1:
-        raise DataError(f"seq_len, calib windows, batch size must be >= 1, got {seq_len}, {num_windows}, {batch_size}")
-    per_shard = np.array([max(len(s) - 1, 0) // seq_len for s in shards.shards], dtype=np.int64)
-    available = int(per_shard.sum())
-    if num_windows > available:
-        raise DataError(
-            f"{shards.path} holds {available} windows of {seq_len + 1} tokens ({shards.num_tokens} tokens), fewer than"
-            f" the {num_windows} calibration windows asked for; lower --calib-windows or --seq-len"
-        )
-    chosen = np.random.default_rng(seed).choice(available, size=num_windows, replace=False)
-    first_window = np.concatenate([[0], np.cumsum(per_shard)])  # global number of each shard's first window
-    num_batches = math.ceil(num_windows / batch_size)
-    batches = []
-    for b in range(rank, math.ceil(num_batches / world_size) * world_size, world_size):
-        windows = chosen[b * batch_size : (b + 1) * batch_size]
-        if len(windows) == 0:
-            pad = torch.full((1, seq_len), shards.eos_id, dtype=torch.long)
-            batches.append(Batch(input_ids=pad, labels=torch.full_like(pad, IGNORE_INDEX)))
-            continue
-        rows = []
-        for w in windows.tolist():
-            shard = int(np.searchsorted(first_window, w, side="right")) - 1
-            start = (w - int(first_window[shard])) * seq_len
-            rows.append(np.asarray(shards.shards[shard][start : start + seq_len + 1], dtype=np.int64))
-        tokens = torch.from_numpy(np.stack(rows))
-        batches.append(Batch(input_ids=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous()))
-    return batches
+# The teacher, and the whole job.
 
 
 def read_teacher(teacher_dir: str | Path) -> PretrainedConfig:
@@ -571,7 +356,7 @@ def prune_to_student(
     """
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
     teacher_config = read_teacher(teacher_dir)
-    teacher = Shape.of(teacher_config, where=f"teacher {teacher_dir / 'config.json'}")
+    teacher = shape_of(teacher_config, where=f"teacher {teacher_dir / 'config.json'}")
     where = "target" if isinstance(target, Shape) else f"target {target}"
     target = check_target(teacher, target if isinstance(target, Shape) else read_target(target), where)
     if layer_selection not in ("symmetric", "importance"):

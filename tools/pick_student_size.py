@@ -30,24 +30,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from minima.arch import DERIVATIONS, Arch, ArchError, load_arch, parse_count, preset_names, student_candidates
 from minima.law import (
     CAVEATS,
-    DERIVATIONS,
     LAW_COUNT,
     PUBLISHED_LAW,
-    Arch,
     LawError,
     assistant_chain,
     fit_law,
-    load_arch,
-    parse_count,
     plot_law,
-    preset_names,
     rank_teachers,
     read_assistants,
     read_results,
     select_assistant,
-    student_candidates,
 )
 
 
@@ -66,8 +61,8 @@ def model_size(spec: str) -> tuple[str, float, Arch | None]:
         return spec, float(arch.total_params()), arch
     try:
         return spec, parse_count(spec), None
-    except LawError:
-        raise LawError(
+    except ArchError:
+        raise ArchError(
             f"--teachers: {spec!r} is not a preset ({', '.join(preset_names())}), an existing directory or"
             " config.json, or a parameter count (e.g. 13e9)"
         ) from None
@@ -159,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         out, text = run(args, has_teacher, has_student)
-    except LawError as e:
+    except (ArchError, LawError) as e:  # bad input: a model spec or count, a CSV, a size the law cannot use
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(out, indent=2) if args.json else "\n".join(text))
