@@ -363,6 +363,12 @@ def prune_to_student(
         raise PruneError(f"layer selection {layer_selection!r} is not one of ['symmetric', 'importance']")
     if dtype not in DTYPES:
         raise PruneError(f"dtype {dtype!r} is not one of {list(DTYPES)}")
+    max_positions = getattr(teacher_config, "max_position_embeddings", None)
+    if max_positions and seq_len > max_positions:  # importance measured where the teacher was never trained
+        raise PruneError(
+            f"--seq-len {seq_len} exceeds the teacher's max_position_embeddings {max_positions}: calibrate on"
+            f" windows the teacher was trained for (--seq-len {max_positions} or less)"
+        )
     student_config(teacher_config, target, list(range(target.layers)))  # refused sizes fail before any work
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "pruning.json").is_file():
         raise PruneError(f"output {out_dir} exists and is not a pruned checkpoint (no pruning.json); pick a new --out")

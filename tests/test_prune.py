@@ -551,6 +551,12 @@ def test_bad_input_is_a_clear_error(case, request, tiny_prepared_data, tmp_path,
     assert not out.exists()
 
 
+def test_calibration_windows_longer_than_the_teacher_context_are_refused(gqa_teacher, tiny_prepared_data, tmp_path):
+    with pytest.raises(PruneError, match=r"--seq-len 129 exceeds the teacher's max_position_embeddings 128"):
+        prune_to_student(gqa_teacher, Shape(**GQA_SIZES), tiny_prepared_data / "train", tmp_path / "s", seq_len=129)
+    assert not (tmp_path / "s").exists()
+
+
 def test_cli_refuses_target_and_sizes_together(gqa_teacher, tiny_prepared_data, tmp_path, capsys):
     argv = ["--teacher", str(gqa_teacher), "--target", str(gqa_teacher), "--layers", "2"]
     with pytest.raises(SystemExit) as exit_info:
