@@ -51,6 +51,20 @@ class ModelConfig:
             raise ConfigError("'arch' needs a 'model_type' (e.g. llama) next to its sizes")
 
 
+PLACEMENTS = ("auto", "replicated", "node", "zero3")
+
+
+@dataclass(frozen=True)
+class TeacherConfig(ModelConfig):
+    """The frozen teacher: where it comes from, and how its weights are spread over the GPUs."""
+
+    placement: Literal["auto", "replicated", "node", "zero3"] = "auto"
+    """replicated = a whole copy per GPU, no communication; node = ZeRO-3 sharded over the GPUs of each node
+    (ZeRO++ hierarchical partitioning: every all-gather stays inside a node); zero3 = sharded over all GPUs (least
+    memory, an all-gather of the whole teacher per micro-batch); auto = the first of these that the memory plan
+    (minima.memory) fits on the GPU."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Pre-tokenised shards written by ``tools/prepare_data.py``."""
@@ -61,8 +75,9 @@ class DataConfig:
     """Tokens per training window (the model's context during training)."""
     seed: int = 1234
     """Seed of the window order; the order of epoch e is a function of (seed, e)."""
-    verify_checksums: bool = True
-    """Check every shard's sha256 at start (split across ranks)."""
+    verify_checksums: bool = False
+    """Also check every shard's sha256 at start (split across ranks). Shards are hashed once, when prepared; at start
+    only their sizes are checked against the index unless this is set (tools/verify_data.py checks a directory)."""
 
     def __post_init__(self) -> None:
         _positive("data.seq_len", self.seq_len)
@@ -197,7 +212,7 @@ class Config:
     """The model being trained."""
     data: DataConfig
     """Training and held-out token shards."""
-    teacher: ModelConfig | None = None
+    teacher: TeacherConfig | None = None
     """The frozen teacher, or null for plain language-model training."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and learning-rate schedule."""
@@ -205,6 +220,14 @@ class Config:
     """Distillation objective."""
     run: RunConfig = field(default_factory=RunConfig)
     """Length, batch, logging, evaluation and checkpoints."""
+
+    def __post_init__(self) -> None:
+        if 0 < self.run.eval_tokens < self.data.seq_len:
+            raise ConfigError(
+                f"run.eval_tokens={self.run.eval_tokens} is less than one window of data.seq_len={self.data.seq_len}"
+                f" tokens, so no window would be evaluated; give run.eval_tokens >= {self.data.seq_len} (a multiple"
+                " of it), or 0 for the whole validation split"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

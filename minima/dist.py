@@ -22,6 +22,8 @@ class World:
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1
+    """Ranks on this node (GPUs per node): what a node-local teacher shard is spread over."""
 
     @property
     def is_main(self) -> bool:
@@ -45,6 +47,8 @@ def init_world() -> World:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    # torchrun says LOCAL_WORLD_SIZE, DeepSpeed's launcher LOCAL_SIZE; a launcher that says neither runs one node.
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size)))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
@@ -53,7 +57,9 @@ def init_world() -> World:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
-    return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return World(
+        rank=rank, world_size=world_size, local_rank=local_rank, device=device, local_world_size=local_world_size
+    )
 
 
 def all_reduce_sum(values: list[float | int] | torch.Tensor, device: torch.device) -> torch.Tensor:

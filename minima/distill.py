@@ -1,10 +1,12 @@
-"""Token-level distillation of a frozen ZeRO-3 teacher into a ZeRO-3 student (plain LM training with teacher=null).
+"""Token-level distillation of a frozen teacher (replicated, node-sharded or ZeRO-3: ``teacher.placement``) into a
+ZeRO-1/2/3 student (plain LM training with teacher=null).
 
     deepspeed --num_gpus 8 -m minima.distill llama2_7b_to_3b teacher.path=/models/Llama-2-7b-hf data.dir=/data/mix
     torchrun --nproc_per_node 8 -m minima.distill RECIPE [key=value ...]
     python -m minima.distill tiny_cpu [key=value ...]           # a world of one
     python -m minima.distill RECIPE [key=value ...] --dry-run   # print the resolved config and derived values
 
+At start: the inputs are checked, the memory plan printed (it places the teacher under ``auto``), both engines built.
 The step, top to bottom: draw the step's micro-batches; count their valid tokens over all ranks; for each micro-batch,
 teacher forward under no_grad, student forward, loss sums, backward scaled once by the global count, engine step;
 then log, evaluate, checkpoint. At the end: evaluation, a final checkpoint and the Hugging Face export.
@@ -23,20 +25,15 @@ from pathlib import Path
 
 import torch
 
+from minima.arch import ArchError, arch_from_hf_config
 from minima.config import Config, ConfigError, KDConfig, derive, load_config, load_ds_config, recipe_names
 from minima.data import IGNORE_INDEX, Batch, DataError, TokenShards, TokenWindowLoader, count_windows, eval_batches
 from minima.dist import World, all_reduce_max, all_reduce_sum, init_world, shutdown
 from minima.losses import kd_loss_from_hidden
-from minima.models import (
-    check_head_path,
-    check_vocab,
-    choose_attn_implementation,
-    count_params,
-    final_hidden,
-    hf_config,
-    output_head,
-)
-from minima.monitor import Monitor, peak_flops, peak_memory_gb, setup_logging
+from minima.memory import choose as choose_placement
+from minima.memory import format_choice, job_for
+from minima.models import check_head_path, check_vocab, choose_attn_implementation, count_params, hf_config, output_head
+from minima.monitor import Monitor, device_memory_bytes, peak_flops, peak_memory_gb, setup_logging
 
 # torch.distributed deprecations raised from inside DeepSpeed on every collective: not actionable here.
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
@@ -103,17 +100,34 @@ def train(cfg: Config, world: World, *, dry_run: bool = False) -> dict:
     bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and world.device.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
     attn = choose_attn_implementation(cfg.run.attn_implementation, world.device)
-    student_ds, teacher_ds = ds.ds_configs(
-        cfg,
-        derived,
-        load_ds_config(cfg.run.ds_config, "run.ds_config"),
-        load_ds_config(cfg.run.teacher_ds_config, "run.teacher_ds_config"),
-        bf16,
+    compiled = cfg.kd.compile == "always" or (cfg.kd.compile == "auto" and world.device.type == "cuda")
+    student_ds = ds.student_ds_config(cfg, derived, load_ds_config(cfg.run.ds_config, "run.ds_config"), bf16)
+    teacher_base = load_ds_config(cfg.run.teacher_ds_config, "run.teacher_ds_config")
+    # The memory plan, for every run; it decides teacher.placement=auto (replicated, node or zero3).
+    plan_text, plan, placement = _memory_plan(
+        cfg, world, student_hf, teacher_hf, bf16, attn, compiled, student_ds, teacher_base, vocab_len, log
     )
+    teacher_ds = None
+    if cfg.teacher is not None:
+        teacher_ds = ds.teacher_ds_config(
+            teacher_base,
+            placement,
+            micro_batch_size=cfg.run.micro_batch_size,
+            bf16=bf16,
+            gpus_per_node=world.local_world_size,
+            path=cfg.run.teacher_ds_config,
+        )
     resolved = {
         "config": cfg.to_dict(),
         "derived": vars(derived),
-        "runtime": {"dtype": str(dtype), "attn_implementation": attn, "device": str(world.device)},
+        "runtime": {
+            "dtype": str(dtype),
+            "attn_implementation": attn,
+            "device": str(world.device),
+            "teacher_placement": placement if cfg.teacher else None,
+            "compiled_loss": compiled,
+        },
+        "memory_plan": plan,
         "student_ds_config": student_ds,
         "teacher_ds_config": teacher_ds,
     }
@@ -123,6 +137,8 @@ def train(cfg: Config, world: World, *, dry_run: bool = False) -> dict:
         return resolved
     if world.is_main:
         (out_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+    if plan_text:
+        log.info(plan_text)
     log.info(
         f"{derived.world_size} ranks x {cfg.run.micro_batch_size} x {cfg.data.seq_len} tokens x"
         f" {derived.grad_accum_steps} accumulation = {derived.tokens_per_step} tokens/step;"
@@ -131,13 +147,13 @@ def train(cfg: Config, world: World, *, dry_run: bool = False) -> dict:
     if cfg.teacher is None:
         log.info("teacher: null -> plain language-model training, loss = CE on the next token")
 
-    # The teacher first, in its own ZeRO-3 scope, then the student in its own. Same loading function for both.
+    # The teacher first, then the student, each in its own ZeRO-3 scope when sharded. Same loading function for both.
     torch.manual_seed(cfg.run.seed)
+    load = {"dtype": dtype, "attn_implementation": attn, "device": world.device}
     teacher = None
     if cfg.teacher is not None:
-        teacher_model = ds.load_model(cfg.teacher, teacher_hf, teacher_ds, dtype=dtype, attn_implementation=attn)
-        teacher = ds.init_teacher(teacher_model, teacher_ds)
-    student_model = ds.load_model(cfg.student, student_hf, student_ds, dtype=dtype, attn_implementation=attn)
+        teacher = ds.init_teacher(ds.load_model(cfg.teacher, teacher_hf, teacher_ds, **load), teacher_ds)
+    student_model = ds.load_model(cfg.student, student_hf, student_ds, **load)
     student = ds.init_student(student_model, cfg, derived, student_ds)
     n_student = count_params(student.module)
     n_teacher = count_params(teacher.module) if teacher is not None else 0
@@ -179,7 +195,9 @@ def train(cfg: Config, world: World, *, dry_run: bool = False) -> dict:
     val_loss = val_ppl = None
     while step < derived.total_steps:
         micro_batches = [next(loader) for _ in range(derived.grad_accum_steps)]
-        window += train_step(student, teacher, micro_batches, cfg.kd, vocab_size=vocab_len, world=world)
+        window += train_step(
+            student, teacher, micro_batches, cfg.kd, vocab_size=vocab_len, world=world, compiled=compiled
+        )
         step += 1
         steps_in_window += 1
         tokens_seen += derived.tokens_per_step
@@ -254,13 +272,41 @@ def train(cfg: Config, world: World, *, dry_run: bool = False) -> dict:
     return metrics
 
 
+def _memory_plan(
+    cfg, world, student_hf, teacher_hf, bf16, attn, compiled, student_ds, teacher_base, vocab_len, log
+) -> tuple[str | None, dict | None, str]:
+    """(the plan as a table, as a dict, the teacher placement it resolves) for this run on this device."""
+    requested = cfg.teacher.placement if cfg.teacher else "auto"
+    try:
+        teacher = None if teacher_hf is None else arch_from_hf_config(teacher_hf, "teacher")
+        student = arch_from_hf_config(student_hf, "student")
+    except ArchError as e:
+        log.warning(f"no memory plan ({e}); teacher.placement=auto falls back to zero3, the least memory")
+        return None, None, "zero3" if requested in ("auto", "node") else requested
+    job = job_for(
+        cfg,
+        student,
+        teacher,
+        world_size=world.world_size,
+        gpus_per_node=world.local_world_size,
+        dtype_bytes=2 if bf16 else 4,
+        attention=attn,
+        student_ds=student_ds,
+        teacher_ds=teacher_base,
+        vocab_size=vocab_len,
+        compiled=compiled,
+    )
+    choice = choose_placement(job, requested, device_memory_bytes(world.device, world.local_world_size))
+    return format_choice(job, choice), choice.to_dict(), choice.placement
+
+
 def train_step(
-    student, teacher, micro_batches: list[Batch], kd: KDConfig, *, vocab_size: int, world: World
+    student, teacher, micro_batches: list[Batch], kd: KDConfig, *, vocab_size: int, world: World, compiled: bool
 ) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches; returns (loss, ce, kd, top1 agreement, valid tokens) sums.
 
     ``student`` is the DeepSpeed engine (it updates at the accumulation boundary, after the last micro-batch);
-    ``teacher`` is the frozen inference engine or None.
+    ``teacher`` is the frozen inference engine or None. Both run ``minima.models.HiddenStates``.
     """
     from minima.engine import gathered
 
@@ -269,37 +315,46 @@ def train_step(
     # over ranks (divides by world_size) and, by default, divides every micro-batch loss by the accumulation steps.
     # With scale_wrt_gas=False and each micro-batch's backward on  loss_sum * world_size / N :
     #   (1 / world_size) * sum_ranks sum_mb grad(loss_sum * world_size / N) = grad(sum loss_sum / N).
-    num_valid_local = sum(int((mb.labels != IGNORE_INDEX).sum()) for mb in micro_batches)
+    num_valid_local = sum(int((mb.labels != IGNORE_INDEX).sum()) for mb in micro_batches)  # host labels: no sync
     num_valid = float(all_reduce_sum([num_valid_local], world.device)[0])
     student_head = output_head(student)
     teacher_head = output_head(teacher) if teacher is not None else None
     sums = torch.zeros(5, dtype=torch.float64, device=world.device)
     for mb in micro_batches:
-        input_ids, labels = mb.input_ids.to(world.device), mb.labels.to(world.device)
+        input_ids = _to_device(mb.input_ids, world.device)
         teacher_hidden = None
         if teacher is not None:
             with torch.no_grad():
-                teacher_hidden = final_hidden(teacher, input_ids)  # (B, T, H_t); no logits are computed
-        student_hidden = final_hidden(student, input_ids)  # (B, T, H_s)
-        # The loss reads both output heads whole (gathered under ZeRO-3) and never holds more than one chunk of
-        # logits; the backward runs inside the block so that the student head's gradient is reduce-scattered there.
-        with gathered([student_head, teacher_head]):
-            terms = kd_loss_from_hidden(
-                student_hidden,
-                student_head,
-                labels,
-                teacher_hidden,
-                teacher_head,
-                **kd.loss_kwargs(),
-                vocab_size=vocab_size,
-                chunk_tokens=kd.chunk_tokens or None,
-                compiled=kd.compile == "always" or (kd.compile == "auto" and world.device.type == "cuda"),
-            )
+                teacher_hidden = teacher(input_ids)  # (B, T, H_t): the decoder only, no logits
+        # The student engine returns its hidden states and its head (whole inside the block under ZeRO-3), so every
+        # gradient, the head's included, flows back through the engine's outputs. The loss never holds more than
+        # one chunk of logits; the backward runs inside the block so the head's gradient is reduced there.
+        with gathered([student_head]):
+            student_hidden, head = student(input_ids, student_head)  # (B, T, H_s), (V_s, H_s)
+            with gathered([teacher_head]):
+                terms = kd_loss_from_hidden(
+                    student_hidden,
+                    head,
+                    mb.labels,  # on the host: finding the valid positions costs no device sync
+                    teacher_hidden,
+                    teacher_head,
+                    **kd.loss_kwargs(),
+                    vocab_size=vocab_size,
+                    chunk_tokens=kd.chunk_tokens or None,
+                    compiled=compiled,
+                )
             student.backward(terms.loss_sum * world.world_size / max(num_valid, 1.0), scale_wrt_gas=False)
         student.step()  # DeepSpeed updates only at the accumulation boundary
         parts = (terms.loss_sum.detach(), terms.ce_sum, terms.kd_sum, terms.top1_agree, terms.num_tokens)
         sums += torch.stack([p.double() for p in parts])
     return sums.cpu()  # one host sync per step
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A loader's host tensor on ``device``, copied asynchronously from pinned memory on GPUs."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @torch.no_grad()
@@ -320,9 +375,9 @@ def held_out_loss(model, shards: TokenShards, cfg: Config, world: World, max_win
 
     head = output_head(model)
     for mb in batches:  # every rank runs the same number of forwards (ZeRO-3 gathers inside)
-        hidden = final_hidden(model, mb.input_ids.to(world.device))
+        hidden = model(_to_device(mb.input_ids, world.device))  # (B, T, H)
         with gathered([head]):
-            terms = kd_loss_from_hidden(hidden, head, mb.labels.to(world.device))
+            terms = kd_loss_from_hidden(hidden, head, mb.labels)  # no_grad: values only, no head gradient
         sums += torch.stack([terms.ce_sum.double(), terms.num_tokens.double()])
     model.train(was_training)
     total = all_reduce_sum(sums, world.device)

@@ -1,10 +1,12 @@
-"""Everything that touches DeepSpeed: engine configs, ZeRO-3 model loading, the two engines, checkpoints, export.
+"""Everything that touches DeepSpeed: engine configs, model loading, the two engines, checkpoints, export.
 
-The teacher gets its own inference-only engine (no optimizer, no scheduler, eval mode, frozen, never checkpointed);
-the student gets AdamW, the warmup + cosine schedule and gradient clipping. Both are ZeRO-3 sharded: each model is
-built inside its own ``HfDeepSpeedConfig`` scope so transformers partitions it at construction, and the scope is
-closed before the next model is built (a model built while another's ZeRO-3 scope is alive is silently partitioned
-with the wrong config).
+The teacher gets its own inference-only engine (no optimizer, no scheduler, eval mode, frozen, never checkpointed),
+replicated on every GPU or ZeRO-3 sharded over the node or over all GPUs (``teacher.placement``); the student gets
+AdamW, the warmup + cosine schedule and gradient clipping, under ZeRO stage 1, 2 or 3 (``run.ds_config``). Both run
+``minima.models.HiddenStates`` around the transformers model, so what ``backward`` starts from is the engine's own
+output. A ZeRO-3 model is built inside its own ``HfDeepSpeedConfig`` scope so transformers partitions it at
+construction, and the scope is closed before the next model is built (a model built while another's ZeRO-3 scope is
+alive is silently partitioned with the wrong config).
 """
 
 from __future__ import annotations
@@ -27,38 +29,100 @@ from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from minima.config import Config, Derived, ModelConfig
-from minima.models import build_model
+from minima.config import Config, ConfigError, Derived, ModelConfig
+from minima.models import HiddenStates, build_model
 from minima.optim import lr_lambda, param_groups
 
 CHECKPOINT_PREFIX = "step_"
 MINIMA_STATE = "minima_state.pt"
 
 
-def ds_configs(
-    cfg: Config, derived: Derived, student_base: dict, teacher_base: dict, bf16: bool
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The student's and the teacher's engine configs: JSON engine settings plus the keys minima derives."""
-    common = {"bf16": {"enabled": bf16}, "steps_per_print": 2**62, "wall_clock_breakdown": False}
-    student = {
-        **student_base,
-        **common,
+STUDENT_STAGES = (1, 2, 3)
+
+
+def _common(bf16: bool) -> dict[str, Any]:
+    return {"bf16": {"enabled": bf16}, "steps_per_print": 2**62, "wall_clock_breakdown": False}
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def student_ds_config(cfg: Config, derived: Derived, base: dict, bf16: bool) -> dict[str, Any]:
+    """The student engine's config: the JSON's engine settings (ZeRO stage 1, 2 or 3, buckets, offload) plus the keys
+    minima derives (batch, clipping, precision)."""
+    stage = zero_stage(base)
+    if stage not in STUDENT_STAGES:
+        raise ConfigError(
+            f"run.ds_config={cfg.run.ds_config} sets zero_optimization.stage={stage}; the student engine needs ZeRO"
+            " stage 1, 2 or 3 (ds_configs/zero1.json, zero2.json, zero3.json)"
+        )
+    config = {
+        **base,
+        **_common(bf16),
         **derived.ds_batch_keys(cfg.run.micro_batch_size),
         "gradient_clipping": cfg.optim.grad_clip,
     }
-    # An inference engine still needs a micro-batch size; it never sees an optimizer or a scheduler.
-    teacher = {**teacher_base, **common, "train_micro_batch_size_per_gpu": cfg.run.micro_batch_size}
-    return student, teacher
+    if bf16 and "data_types" not in base:
+        # ZeRO accumulates gradients in the engine dtype unless told otherwise; over tens of micro-batches bf16
+        # partial sums lose ~1e-2 relative. DeepSpeed's own setting keeps the accumulator in fp32 (at stage 1 it
+        # selects its BF16 optimizer, which accumulates in fp32).
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
+
+
+def teacher_ds_config(
+    base: dict, placement: str, *, micro_batch_size: int, bf16: bool, gpus_per_node: int, path: str
+) -> dict[str, Any]:
+    """The teacher's inference engine config for a resolved placement (``replicated``, ``node`` or ``zero3``).
+
+    ``base`` (``run.teacher_ds_config``) holds the ZeRO-3 settings of the sharded placements; a replicated teacher is
+    a plain engine (stage 0) that keeps a whole copy per GPU. An inference engine still needs a micro-batch size; it
+    never sees an optimizer or a scheduler.
+    """
+    zero = dict(base.get("zero_optimization", {}))
+    if zero.get("stage", 3) != 3:
+        raise ConfigError(
+            f"run.teacher_ds_config={path} sets zero_optimization.stage={zero['stage']}: it holds the ZeRO-3 settings"
+            " of the sharded teacher; choose how the teacher is spread with teacher.placement (replicated, node,"
+            " zero3 or auto) instead"
+        )
+    if placement == "replicated":
+        zero = {"stage": 0}
+    elif placement == "node":
+        # ZeRO++ hierarchical partitioning: a second shard of every weight over the GPUs of the node, from which
+        # every all-gather is served, so the teacher's traffic never leaves the node.
+        zero.update(stage=3, zero_hpz_partition_size=gpus_per_node)
+    elif placement == "zero3":
+        zero.update(stage=3)
+    else:
+        raise ValueError(f"unresolved teacher placement {placement!r}")
+    rest = {k: v for k, v in base.items() if k != "zero_optimization"}
+    common = _common(bf16)
+    if placement == "replicated":
+        # The weights are loaded in the compute dtype already. With bf16 on, DeepSpeed would wrap even an engine
+        # without optimizer at stage 0 in its BF16 optimizer, which keeps fp32 master copies of every weight.
+        common["bf16"] = {"enabled": False}
+    return {**rest, "zero_optimization": zero, **common, "train_micro_batch_size_per_gpu": micro_batch_size}
 
 
 def load_model(
-    model: ModelConfig, config: PretrainedConfig, ds_config: dict, *, dtype: torch.dtype, attn_implementation: str
+    model: ModelConfig,
+    config: PretrainedConfig,
+    ds_config: dict,
+    *,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    device: torch.device,
 ) -> PreTrainedModel:
-    """Build a model partitioned for ``ds_config`` at construction (ZeRO-3), with transformers' own weight init."""
+    """Build a model for ``ds_config`` with transformers' own weight init: partitioned at construction under ZeRO-3,
+    else whole, straight onto ``device``."""
     # zero.Init reads the world size from deepspeed.comm while checking the batch keys, before it would initialise
     # deepspeed.comm itself; wrap the process group that minima.dist created first, or it assumes a world of one.
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed()
+    if zero_stage(ds_config) != 3:
+        return build_model(model, config, dtype=dtype, attn_implementation=attn_implementation, device=device)
     hf_ds = HfDeepSpeedConfig(ds_config)  # transformers holds it weakly: keep it alive while building
     try:
         return build_model(model, config, dtype=dtype, attn_implementation=attn_implementation)
@@ -68,20 +132,26 @@ def load_model(
 
 
 def init_teacher(model: PreTrainedModel, ds_config: dict) -> deepspeed.DeepSpeedEngine:
-    """The frozen teacher: its own ZeRO-3 engine without optimizer or scheduler, in eval mode, no gradients."""
+    """The frozen teacher: its own engine around :class:`HiddenStates` without optimizer or scheduler, in eval mode,
+    no gradients; replicated (stage 0) or ZeRO-3 sharded, as ``ds_config`` says."""
     model.requires_grad_(False)
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, config=ds_config)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=HiddenStates(model), config=ds_config)
     # Under ZeRO-3 DeepSpeed puts its parameter manager (gather/release hooks, no state) where the optimizer would be.
     assert optimizer is None or isinstance(optimizer, DeepSpeedZeRoOffload), f"teacher engine got {type(optimizer)}"
+    assert all(p.dtype == next(model.parameters()).dtype for p in model.parameters()), "mixed teacher dtypes"
     assert scheduler is None, "the teacher engine must not own a scheduler"
     engine.eval()
     return engine
 
 
 def init_student(model: PreTrainedModel, cfg: Config, derived: Derived, ds_config: dict) -> deepspeed.DeepSpeedEngine:
-    """The student engine: AdamW (decoupled decay on matrices), warmup + cosine schedule, clipping from the config."""
+    """The student engine around :class:`HiddenStates`: AdamW (decoupled decay on matrices), warmup + cosine
+    schedule, clipping from the config."""
     if cfg.run.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     groups = param_groups(model.named_parameters(), cfg.optim.weight_decay)
     opt_kwargs = {"lr": cfg.optim.lr, "betas": (cfg.optim.beta1, cfg.optim.beta2), "eps": cfg.optim.eps}
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
@@ -93,7 +163,7 @@ def init_student(model: PreTrainedModel, cfg: Config, derived: Derived, ds_confi
         optimizer = torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **opt_kwargs)
     schedule = lr_lambda(derived.warmup_steps, derived.total_steps, cfg.optim.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(
-        model=model,
+        model=HiddenStates(model),
         optimizer=optimizer,
         # a callable, so that the schedule drives the optimizer DeepSpeed wraps
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
@@ -175,14 +245,17 @@ def load_checkpoint(engine: deepspeed.DeepSpeedEngine, path: Path) -> dict:
 
 def export_hf(engine: deepspeed.DeepSpeedEngine, out_dir: Path, tokenizer_dir: Path, *, is_main: bool) -> None:
     """Gather the student layer by layer onto rank 0 and write it with ``save_pretrained`` (collective call)."""
+    lm = engine.module.lm  # the engine runs HiddenStates around the transformers model
     if engine.zero_optimization_partition_weights():
         state_dict = engine._zero3_consolidated_16bit_state_dict()  # also what accelerate uses under ZeRO-3
+        if is_main:
+            state_dict = {k.removeprefix("lm."): v for k, v in state_dict.items()}
     else:
-        state_dict = engine.module.state_dict() if is_main else None
+        state_dict = lm.state_dict() if is_main else None
     if is_main:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        lm.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)

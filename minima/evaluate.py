@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from minima.data import TokenShards, eval_batches
 from minima.losses import kd_loss_from_hidden
-from minima.models import final_hidden, output_head
+from minima.models import last_hidden, output_head
 
 
 @torch.no_grad()
@@ -38,7 +38,7 @@ def evaluate_model(
     ce_sum, num_tokens = 0.0, 0
     batches = eval_batches(shards, seq_len=seq_len, micro_batch_size=batch_size, max_windows=max_windows)
     for mb in tqdm(batches, desc=f"eval {model_dir}", unit="batch", leave=False, file=sys.stderr, disable=None):
-        hidden = final_hidden(model, mb.input_ids.to(device))  # no (B, T, V) logits: the loss works in chunks
+        hidden = last_hidden(model, mb.input_ids.to(device))  # no (B, T, V) logits: the loss works in chunks
         terms = kd_loss_from_hidden(hidden, output_head(model), mb.labels.to(device))
         ce_sum += terms.ce_sum.item()
         num_tokens += int(terms.num_tokens)

@@ -37,7 +37,7 @@ from transformers import PretrainedConfig
 
 from minima.data import IGNORE_INDEX, Batch, DataError, TokenShards
 from minima.losses import kd_loss_from_hidden
-from minima.models import final_hidden, output_head
+from minima.models import last_hidden, output_head
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ def accumulate_importance(
         ):
             input_ids, labels = batch.input_ids.to(device), batch.labels.to(device)
             valid[0] = labels != IGNORE_INDEX
-            hidden = final_hidden(model, input_ids)  # (B, T, D); the chunked CE never builds (B, T, V) logits
+            hidden = last_hidden(model, input_ids)  # (B, T, D); the chunked CE never builds (B, T, V) logits
             with gathered([output_head(model)]):
                 terms = kd_loss_from_hidden(hidden, output_head(model), labels)
             n = int(terms.num_tokens)

@@ -148,7 +148,11 @@ def default_chunk_tokens(vocab_size: int, compiled: bool = False) -> int:
 def _chunk_loss_and_grad(
     s_logits: torch.Tensor, t_logits: torch.Tensor | None, targets: torch.Tensor, spec: _Spec, vocab_size: int
 ) -> tuple[torch.Tensor, ...]:
-    """(d loss / d s_logits, loss, ce, kd, agreement) for one chunk: all the elementwise work, no matmul."""
+    """(d loss / d s_logits, loss, ce, kd, agreement) for one chunk: all the elementwise work, no matmul.
+
+    Forward KL (the MiniMA objective) and plain CE take the closed form; the other divergences autograd's."""
+    if t_logits is None or spec.divergence == "forward_kl":
+        return _forward_kl_loss_and_grad(s_logits, t_logits, targets, spec, vocab_size)
 
     def loss_fn(s):
         loss, ce, kd, agree = _terms(s, t_logits, targets, spec, vocab_size)
@@ -156,6 +160,59 @@ def _chunk_loss_and_grad(
 
     grad, (loss, (ce, kd, agree)) = torch.func.grad_and_value(loss_fn, has_aux=True)(s_logits)
     return grad, loss, ce, kd, agree
+
+
+def _forward_kl_loss_and_grad(
+    s_logits: torch.Tensor, t_logits: torch.Tensor | None, targets: torch.Tensor, spec: _Spec, vocab_size: int
+) -> tuple[torch.Tensor, ...]:
+    """The chunk's loss terms and d loss / d s_logits for CE + forward KL in closed form, a few passes over (c, V).
+
+    With q = softmax(s), q_T = softmax(s / T) and p = softmax(t / T) over the shared vocabulary:
+    CE = lse(s) - s_y;  KL(p || q_T) = sum p (t - s) / T - lse(t / T) + lse(s / T);  d loss / d s =
+    ce_weight (q - onehot(y)) + kd_weight T (q_T - p) (the T^2 of the KD term times the 1 / T of s / T). Generic
+    autograd over the same terms keeps about ten (c, V) tensors alive and makes about three times the passes; this
+    keeps three or four.
+    """
+    rows = torch.arange(s_logits.shape[0], device=s_logits.device)
+    s_max = s_logits.amax(-1, keepdim=True)
+    q = torch.sub(s_logits, s_max).exp_()  # (c, V_s), softmax(s) once normalised
+    z = q.sum(-1, keepdim=True)
+    lse = (s_max + z.log()).squeeze(1)
+    ce = (lse - s_logits[rows, targets]).sum()
+    q.div_(z)
+    if t_logits is None:
+        q.index_put_((rows, targets), torch.tensor(-1.0, dtype=q.dtype, device=q.device), accumulate=True)
+        zero = torch.zeros((), dtype=s_logits.dtype, device=s_logits.device)
+        return q, ce, ce.detach(), zero, zero.long()
+    v, T = vocab_size, spec.temperature
+    s_v, t_v = s_logits[:, :v], t_logits[:, :v]
+    t_max = t_v.amax(-1, keepdim=True)
+    p = torch.sub(t_v, t_max).div_(T).exp_()  # (c, v), softmax(t / T) once normalised
+    zt = p.sum(-1, keepdim=True)
+    p.div_(zt)
+    lse_t = (t_max / T + zt.log()).squeeze(1)
+    same = T == 1.0 and v == s_logits.shape[1]
+    if same:
+        q_t, lse_s = q, lse
+    else:
+        sv_max = s_v.amax(-1, keepdim=True)
+        q_t = torch.sub(s_v, sv_max).div_(T).exp_()
+        zs = q_t.sum(-1, keepdim=True)
+        q_t.div_(zs)
+        lse_s = (sv_max / T + zs.log()).squeeze(1)
+    # sum p (t - s) as two row dot products: no (c, v) temporary
+    p_dot = torch.einsum("ij,ij->i", p, t_v) - torch.einsum("ij,ij->i", p, s_v)
+    kd = (T * T) * (p_dot / T - lse_t + lse_s).sum()
+    agree = (s_v.argmax(-1) == t_v.argmax(-1)).sum()
+    ce_w, kd_w = spec.ce_weight, spec.kd_weight
+    if same:
+        grad = q.mul_(ce_w + kd_w * T).sub_(p, alpha=kd_w * T)
+    else:
+        grad = q.mul_(ce_w)
+        grad[:, :v].add_(q_t.sub_(p), alpha=kd_w * T)
+    grad.index_put_((rows, targets), torch.tensor(-ce_w, dtype=q.dtype, device=q.device), accumulate=True)
+    loss = ce_w * ce + kd_w * kd
+    return grad, loss, ce.detach(), kd.detach(), agree
 
 
 @functools.cache
@@ -166,37 +223,80 @@ def _compiled_chunk_loss_and_grad():
     return torch.compile(_chunk_loss_and_grad, dynamic=None)
 
 
+def _accumulate_head_grad(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """``acc += g^T @ h`` into the fp32 accumulator ``acc`` (V, H): g (c, V) and h (c, H) in the head's dtype.
+
+    On GPUs a bf16/fp16 product is accumulated in fp32 by the matmul itself and added without rounding to 8
+    mantissa bits; elsewhere, or where torch lacks that kernel, the product is computed in fp32.
+    """
+    if acc.is_cuda and g.dtype in (torch.bfloat16, torch.float16):
+        try:
+            acc.add_(torch.mm(g.t(), h, out_dtype=torch.float32))
+            return
+        except (RuntimeError, TypeError):
+            pass
+    acc.addmm_(g.t().to(acc.dtype), h.to(acc.dtype))
+
+
+def _chunked_sums(
+    s_hidden, s_weight, t_hidden, t_weight, rows, targets, spec, vocab_size, chunk_tokens, compiled, need_h, need_w
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(sums of loss, ce, kd, agreement; d loss / d s_hidden or None; d loss / d s_weight or None), chunk by chunk.
+
+    Without gradients (``need_h`` and ``need_w`` false: evaluation, or autograd off) only the values are computed and
+    nothing of the hidden states' or the head's size is allocated.
+    """
+    # s_hidden (N, H_s) every position; rows (n,) the valid positions; targets (n,) their next tokens.
+    grad_h = torch.zeros_like(s_hidden) if need_h else None
+    # fp32 whatever the head's dtype: chunk after chunk adds into it, and bf16 partial sums would lose ~1e-2
+    # relative over tens of chunks. Cast to the head's dtype once, at the end.
+    acc_dtype = torch.float64 if s_weight.dtype == torch.float64 else torch.float32
+    grad_w = torch.zeros(s_weight.shape, dtype=acc_dtype, device=s_weight.device) if need_w else None
+    sums = torch.zeros(4, dtype=torch.float64, device=s_hidden.device)  # loss, ce, kd, agreement
+    for start in range(0, rows.numel(), chunk_tokens):
+        r = rows[start : start + chunk_tokens]
+        h = s_hidden[r]  # (c, H_s)
+        t_logits = None if t_hidden is None else _head_logits(t_hidden[r], t_weight)  # (c, V_t) fp32
+        s_logits = _head_logits(h, s_weight)  # (c, V_s) fp32
+        y = targets[start : start + chunk_tokens]
+        if not (need_h or need_w):
+            loss, ce, kd, agree = _terms(s_logits, t_logits, y, spec, vocab_size)
+        else:
+            step = _compiled_chunk_loss_and_grad() if compiled else _chunk_loss_and_grad
+            g, loss, ce, kd, agree = step(s_logits, t_logits, y, spec, vocab_size)  # g: d loss / d logits, fp32
+            g = g.to(s_weight.dtype)
+            if need_h:
+                grad_h.index_copy_(0, r, (g @ s_weight).to(grad_h.dtype))  # (c, H_s), one matmul per row
+            if need_w:
+                _accumulate_head_grad(grad_w, g, h.to(s_weight.dtype))  # (V_s, H_s) += (V_s, c) @ (c, H_s)
+        sums += torch.stack([loss.detach().double(), ce.double(), kd.double(), agree.double()])
+    if grad_w is not None and grad_w.dtype != s_weight.dtype:
+        grad_w = grad_w.to(s_weight.dtype)
+    return sums, grad_h, grad_w
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Loss sums from hidden states and heads, chunk by chunk; gradients computed in forward, scaled in backward."""
 
     @staticmethod
     def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, rows, targets, spec, vocab_size, chunk_tokens, compiled):
-        # s_hidden (N, H_s) every position; rows (n,) the valid positions; targets (n,) their next tokens.
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(s_hidden) if need_h else None
-        # Same dtype as the head: addmm accumulates chunk after chunk in place, without a (V, H) temporary.
-        grad_w = torch.zeros_like(s_weight) if need_w else None
-        sums = torch.zeros(4, dtype=torch.float64, device=s_hidden.device)  # loss, ce, kd, agreement
-        for start in range(0, rows.numel(), chunk_tokens):
-            r = rows[start : start + chunk_tokens]
-            h = s_hidden[r]  # (c, H_s)
-            t_logits = None if t_hidden is None else _head_logits(t_hidden[r], t_weight)  # (c, V_t) fp32
-            s_logits = _head_logits(h, s_weight)  # (c, V_s) fp32
-            y = targets[start : start + chunk_tokens]
-            if not (need_h or need_w):
-                loss, ce, kd, agree = _terms(s_logits, t_logits, y, spec, vocab_size)
-            else:
-                step = _compiled_chunk_loss_and_grad() if compiled else _chunk_loss_and_grad
-                g, loss, ce, kd, agree = step(s_logits, t_logits, y, spec, vocab_size)  # g: d loss / d logits
-                g = g.to(s_weight.dtype)
-                if need_h:
-                    grad_h.index_copy_(0, r, (g @ s_weight).to(grad_h.dtype))  # (c, H_s)
-                if need_w:
-                    grad_w.addmm_(g.t(), h.to(s_weight.dtype))  # (V_s, H_s) += (V_s, c) @ (c, H_s)
-            sums += torch.stack([loss.detach().double(), ce.double(), kd.double(), agree.double()])
+        sums, grad_h, grad_w = _chunked_sums(
+            s_hidden,
+            s_weight,
+            t_hidden,
+            t_weight,
+            rows,
+            targets,
+            spec,
+            vocab_size,
+            chunk_tokens,
+            compiled,
+            need_h,
+            need_w,
+        )
         ctx.save_for_backward(grad_h, grad_w)
-        dtype = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
-        loss_sum, ce_sum, kd_sum, agree = sums[0].to(dtype), sums[1].to(dtype), sums[2].to(dtype), sums[3].long()
+        loss_sum, ce_sum, kd_sum, agree = _split_sums(sums, s_hidden.dtype)
         ctx.mark_non_differentiable(ce_sum, kd_sum, agree)
         return loss_sum, ce_sum, kd_sum, agree
 
@@ -212,6 +312,12 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         if grad_w is not None:
             grad_w.mul_(grad_loss.to(grad_w.dtype))
         return grad_h, grad_w, None, None, None, None, None, None, None, None
+
+
+def _split_sums(sums: torch.Tensor, hidden_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """(loss, ce, kd) as fp32 (fp64 for fp64 inputs) scalars and the agreement count as int64."""
+    dtype = torch.float64 if hidden_dtype == torch.float64 else torch.float32
+    return sums[0].to(dtype), sums[1].to(dtype), sums[2].to(dtype), sums[3].long()
 
 
 def kd_loss_from_hidden(
@@ -233,13 +339,16 @@ def kd_loss_from_hidden(
 ) -> LossSums:
     """CE plus distillation from final hidden states and output heads, never materialising (B, T, V) logits.
 
-    Gradients flow to ``student_hidden`` and ``student_head`` (none to the teacher). Under ZeRO-3 the heads are
-    shards: gather them around this call and the backward (``minima.engine.gathered``).
+    Gradients flow to ``student_hidden`` and ``student_head`` (none to the teacher); the head's is accumulated over
+    the chunks in fp32 and cast to the head's dtype once. Without autograd (``torch.no_grad()``, or inputs that need
+    no gradient) only the values are computed. Under ZeRO-3 the heads are shards: gather them around this call (and,
+    for the student's, the backward) with ``minima.engine.gathered``.
 
     Args:
         student_hidden: (B, T, H_s) the student's last hidden states (after the final norm).
         student_head: (V_s, H_s) the student's output embedding (lm_head weight); logits = hidden @ head^T.
-        labels: (B, T) int64 next-token ids, IGNORE_INDEX where masked.
+        labels: (B, T) int64 next-token ids, IGNORE_INDEX where masked; best left on the CPU (where the loaders give
+            them) when the hidden states are on a GPU: finding the valid positions then needs no synchronisation.
         teacher_hidden: (B, T, H_t) the teacher's last hidden states, or None for plain LM training.
         teacher_head: (V_t, H_t) the teacher's output embedding.
         ce_weight, kd_weight: weights of the two terms.
@@ -258,21 +367,37 @@ def kd_loss_from_hidden(
     v_s = student_head.shape[0]
     if vocab_size is None:
         vocab_size = v_s if teacher_head is None else min(v_s, teacher_head.shape[0])
+    device = student_hidden.device
+    # The valid positions are found where the labels are: labels still on the CPU (as the loaders give them) cost
+    # no device-to-host synchronisation; the chunk loop needs their count on the host either way.
     flat_labels = labels.reshape(-1)
     rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # (n,) valid positions
+    targets = flat_labels[rows]
+    num_tokens = rows.numel()
+    if rows.device != device:
+        pin = device.type == "cuda"
+        rows = (rows.pin_memory() if pin else rows).to(device, non_blocking=pin)
+        targets = (targets.pin_memory() if pin else targets).to(device, non_blocking=pin)
     s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])  # (N, H_s)
     t_hidden = None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
     t_head = None if teacher_head is None else teacher_head.detach()
-    loss, ce, kd, agree = _ChunkedHeadLoss.apply(
+    args = (
         s_hidden,
         student_head,
         t_hidden,
         t_head,
         rows,
-        flat_labels[rows],
+        targets,
         spec,
         vocab_size,
         chunk_tokens or default_chunk_tokens(max(v_s, vocab_size), compiled),
         compiled,
     )
-    return LossSums(loss, ce, kd, torch.tensor(rows.numel(), device=rows.device), agree)
+    if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad):
+        loss, ce, kd, agree = _ChunkedHeadLoss.apply(*args)
+    else:
+        # Values only: a custom Function's needs_input_grad stays true under no_grad, so the Function would still
+        # compute and hold the gradients (a (V, H) head gradient per call in evaluation).
+        sums, _, _ = _chunked_sums(*args, need_h=False, need_w=False)
+        loss, ce, kd, agree = _split_sums(sums, student_hidden.dtype)
+    return LossSums(loss, ce, kd, torch.full((), num_tokens, dtype=torch.long, device=device), agree)

@@ -54,17 +54,29 @@ def has_weights(path: str | Path) -> bool:
 
 
 def build_model(
-    model: ModelConfig, config: PretrainedConfig, *, dtype: torch.dtype, attn_implementation: str
+    model: ModelConfig,
+    config: PretrainedConfig,
+    *,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    device: torch.device | None = None,
 ) -> PreTrainedModel:
     """``from_pretrained`` for a directory with weights; ``from_config`` (fresh init) for an architecture, given as
     ``arch`` or as a directory holding only a config.json (as ``tools/pick_student_size.py --write-config`` writes).
 
-    Called inside the ZeRO-3 scope of ``minima.engine.load_model`` so that transformers partitions at construction.
+    Called inside the ZeRO-3 scope of ``minima.engine.load_model`` so that transformers partitions at construction
+    (``device`` None); a whole model is built straight on ``device``, so that eight ranks of a node do not each hold
+    a copy in host memory first.
     """
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
     if model.path is not None and has_weights(model.path):
+        if device is not None:
+            kwargs["device_map"] = {"": str(device)}
         return AutoModelForCausalLM.from_pretrained(model.path, config=config, **kwargs)
-    return AutoModelForCausalLM.from_config(config, **kwargs)
+    if device is None:
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
 def check_vocab(name: str, model: ModelConfig, config: PretrainedConfig, tokenizer_dir: Path, vocab_len: int) -> None:
@@ -97,6 +109,7 @@ def count_params(model: torch.nn.Module) -> int:
 
     Reads ``ds_numel`` under ZeRO-3, where the local tensors are shards.
     """
+    model = causal_lm(model)
     numel = {id(p): getattr(p, "ds_numel", p.numel()) for p in model.parameters()}
     total = sum(numel.values())
     emb = model.get_input_embeddings().weight
@@ -105,35 +118,62 @@ def count_params(model: torch.nn.Module) -> int:
     return total if tied else total - numel[id(emb)]
 
 
-def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """The decoder's last hidden states (B, T, H) after its final norm, without computing any logits.
+def last_hidden(lm: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """A causal LM's last hidden states (B, T, H) after its final norm: its decoder alone, no output head touched.
 
-    Runs ``model`` (a transformers causal LM or a DeepSpeed engine around one) with an empty ``logits_to_keep``, so
-    the output head multiplies zero positions, and takes the decoder's output through a forward hook: asking for
-    ``output_hidden_states`` instead would keep every layer's states alive (gigabytes for a frozen 7B teacher).
+    Asking the whole model for ``output_hidden_states`` instead would keep every layer's states alive (gigabytes for a
+    frozen 7B teacher); calling its forward would multiply (or, under ZeRO-3, fetch) the output head for nothing.
     """
-    module = getattr(model, "module", model)
-    captured: list[torch.Tensor] = []
-    handle = module.get_decoder().register_forward_hook(lambda mod, args, out: captured.append(out[0]))
-    try:
-        no_logits = torch.empty(0, dtype=torch.long, device=input_ids.device)
-        model(input_ids=input_ids, logits_to_keep=no_logits, use_cache=False)
-    finally:
-        handle.remove()
-    return captured[0]
+    return lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+class HiddenStates(torch.nn.Module):
+    """What both engines run: a transformers causal LM (``.lm``) cut before its output head.
+
+    ``forward(input_ids)`` returns the last hidden states (B, T, H). The chunked loss multiplies the output head itself,
+    a chunk of tokens at a time, so no (B, T, V) logits and no second fetch of the head ever happen. For the student,
+    ``forward(input_ids, head)`` also returns ``head`` (its output embedding, gathered under ZeRO-3 by the caller)
+    through a view: every gradient of the step, the head's included, then flows back through the engine's outputs,
+    where DeepSpeed's backward hooks start its bookkeeping (the accumulation boundary, ZeRO-Offload's gradient copy,
+    the NVMe swapper). A head that reached the loss around the engine would get its gradient reduced before them.
+    """
+
+    def __init__(self, lm: PreTrainedModel) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(
+        self, input_ids: torch.Tensor, head: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if head is None:
+            return last_hidden(self.lm, input_ids)
+        if head.numel() == 0:
+            raise RuntimeError("HiddenStates got a 0-size head: gather it first (minima.engine.gathered) under ZeRO-3")
+        # The view is taken before the decoder runs: with tied embeddings the embedding's own ZeRO-3 release after
+        # its forward must not take the head away from the loss.
+        head_out = head.view_as(head)
+        return last_hidden(self.lm, input_ids), head_out
+
+
+def causal_lm(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside a DeepSpeed engine, a :class:`HiddenStates`, or itself."""
+    model = getattr(model, "module", model)
+    return getattr(model, "lm", model)
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Parameter:
     """The (V, H) output embedding whose product with the final hidden states gives the logits."""
-    return getattr(model, "module", model).get_output_embeddings().weight
+    return causal_lm(model).get_output_embeddings().weight
 
 
 def check_head_path(name: str, model: torch.nn.Module, input_ids: torch.Tensor, gathered) -> None:
-    """Fail fast if ``logits != final_hidden @ head^T`` (a biased, scaled or soft-capped head): the chunked loss
-    computes logits that way. ``gathered`` is a context manager giving whole parameters under ZeRO-3."""
+    """Fail fast if ``logits != last_hidden @ head^T`` (a biased, scaled or soft-capped head): the chunked loss
+    computes logits that way. ``model`` is an engine around :class:`HiddenStates`; ``gathered`` is a context manager
+    giving whole parameters under ZeRO-3. Runs the whole causal LM once (its submodules carry ZeRO-3's hooks)."""
+    lm = causal_lm(model)
     with torch.no_grad():
-        logits = model(input_ids=input_ids, use_cache=False).logits.float()
-        hidden = final_hidden(model, input_ids)
+        logits = lm(input_ids=input_ids, use_cache=False).logits.float()
+        hidden = model(input_ids)
         head = output_head(model)
         with gathered([head]):
             ours = (hidden @ head.t()).float()

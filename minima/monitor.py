@@ -49,6 +49,15 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
+def device_memory_bytes(device: torch.device, ranks_on_node: int) -> int:
+    """What one rank may plan to use: the GPU's memory, or on CPU the host's available memory shared by its ranks."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    with open("/proc/meminfo") as f:
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return fields.get("MemAvailable", fields["MemTotal"]) // max(1, ranks_on_node)
+
+
 def setup_logging(out_dir: Path | None, is_main: bool) -> logging.Logger:
     """'minima' logger: rank 0 writes INFO to stderr and to <out_dir>/train.log; other ranks WARNING to stderr."""
     logger = logging.getLogger("minima")

@@ -416,11 +416,13 @@ def prune_to_student(
             train_micro_batch_size_per_gpu=batch_size, bf16={"enabled": dtype == "bf16"}, steps_per_print=2**62
         )
         model_spec = ModelConfig(path=str(teacher_dir))
-        loaded = ds.load_model(model_spec, teacher_config, engine_config, dtype=compute_dtype, attn_implementation=attn)
+        loaded = ds.load_model(
+            model_spec, teacher_config, engine_config, dtype=compute_dtype, attn_implementation=attn, device=run_device
+        )
         # A plain loss.backward() on the output of engine(...) is refused by DeepSpeed for an engine without a ZeRO
         # optimizer, and engine.backward needs one; the engine's module carries ZeRO-3's gather hooks for forward
         # and backward alike, so the masks' gradients come from calling it directly.
-        model = ds.init_teacher(loaded, engine_config).module
+        model = ds.init_teacher(loaded, engine_config).module.lm
         gathered = ds.gathered
     else:
         model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=compute_dtype, attn_implementation=attn)

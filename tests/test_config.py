@@ -60,6 +60,9 @@ def test_overrides_apply_with_types():
         ("student={}", r"student: a model needs 'path'.*or 'arch'"),
         ("run.activation_checkpointing=maybe", r"must be true or false"),
         ("optim.lr", r"not of the form key.sub=value"),
+        ("teacher.placement=ddp", r"'teacher.placement' must be one of \['auto', 'replicated', 'node', 'zero3'\]"),
+        # fewer held-out tokens than one window would silently evaluate the whole split
+        ("run.eval_tokens=100", r"run.eval_tokens=100 is less than one window of data.seq_len=256"),
     ],
 )
 def test_bad_input_names_the_key(override, message):
@@ -100,9 +103,12 @@ def test_ds_json_must_not_set_derived_keys(tmp_path):
 
 
 def test_shipped_ds_configs_hold_engine_settings_only():
-    for name in ("zero3.json", "zero3_teacher.json", "zero3_offload.json"):
+    stages = {"zero1.json": 1, "zero2.json": 2, "zero3.json": 3, "zero3_teacher.json": 3, "zero3_offload.json": 3}
+    for name, stage in stages.items():
         ds = load_ds_config(f"ds_configs/{name}", "run.ds_config")
-        assert ds["zero_optimization"]["stage"] == 3
+        assert ds["zero_optimization"]["stage"] == stage
+        # fp32 reduce-scatter would double the gradient traffic and be rounded to the engine dtype afterwards anyway
+        assert "communication_data_type" not in ds
     teacher = load_ds_config("ds_configs/zero3_teacher.json", "run.teacher_ds_config")
     assert "optimizer" not in teacher and "scheduler" not in teacher
 

@@ -259,9 +259,9 @@ def test_modified_shard_fails_its_checksum_on_the_rank_that_verifies_it(split: P
     data = bytearray(shard.read_bytes())
     data[10] ^= 0xFF
     shard.write_bytes(bytes(data))
+    TokenShards.open(split)  # by default only sizes are checked at open: the shards were hashed when prepared
     with pytest.raises(DataError, match=r"shard_00001\.bin does not match the sha256"):
-        TokenShards.open(split)
+        TokenShards.open(split, verify_checksums=True)
     with pytest.raises(DataError, match=r"shard_00001\.bin does not match the sha256"):
-        TokenShards.open(split, rank=1, world_size=2)  # rank 1 of 2 verifies shards 1 and 3
-    TokenShards.open(split, rank=0, world_size=2)  # rank 0 verifies shards 0 and 2 only
-    TokenShards.open(split, verify_checksums=False)
+        TokenShards.open(split, verify_checksums=True, rank=1, world_size=2)  # rank 1 of 2 verifies shards 1 and 3
+    TokenShards.open(split, verify_checksums=True, rank=0, world_size=2)  # rank 0 verifies shards 0 and 2 only

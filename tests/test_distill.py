@@ -149,6 +149,12 @@ def test_kd_run_logs_metrics_and_checkpoints(kd_run):
     assert resolved["derived"]["grad_accum_steps"] == 2 and resolved["derived"]["train_batch_size"] == 8
     assert resolved["student_ds_config"]["train_batch_size"] == 8
     assert "step 6" in (kd_run / "train.log").read_text()
+    # The memory plan is printed and recorded at start; teacher.placement=auto takes the cheapest that fits.
+    assert resolved["runtime"]["teacher_placement"] == "replicated"
+    assert resolved["teacher_ds_config"]["zero_optimization"] == {"stage": 0}
+    assert resolved["memory_plan"]["plans"]["replicated"]["fits"]
+    assert resolved["student_ds_config"]["zero_optimization"]["stage"] == 3
+    assert "memory plan per GPU" in (kd_run / "train.log").read_text()
 
 
 def test_export_reloads_with_transformers_and_matches_reported_loss(kd_run, tiny_prepared_data):
@@ -190,37 +196,74 @@ def test_resume_continues_bit_identically(kd_run, kd_overrides, tmp_path):
     assert step_losses(out) == step_losses(kd_run)
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
-def test_gradients_equal_single_process_full_batch(tmp_path, sharded_ds_configs, divergence):
-    """2 ranks x 2 accumulation steps, uneven padding, ZeRO-3 sharded heads gathered for the chunked loss: the step's
-    gradients (head included) equal those of a single process on the full batch with full logits and sum / N."""
+@pytest.fixture(scope="module")
+def grad_models(tmp_path_factory) -> dict[bool, Path]:
+    """Tiny teacher/student HF directories (student head tied or untied) and the DeepSpeed JSONs of the matrix."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    torch.manual_seed(0)
-    student_tied = (
-        divergence == "forward_kl"
-    )  # the head is the input embedding in one case, its own matrix in the other
-    for name, vocab, hidden, tied in (("teacher", 48, 48, False), ("student", 40, 32, student_tied)):
-        cfg = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=tied,
-        )
-        AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / name)
-    shutil.copy(sharded_ds_configs[0], tmp_path / "ds_student.json")
-    shutil.copy(sharded_ds_configs[1], tmp_path / "ds_teacher.json")
-    env = subprocess_env()
+    out = {}
+    for tied in (False, True):
+        work = tmp_path_factory.mktemp(f"grad_{'tied' if tied else 'untied'}")
+        torch.manual_seed(0)
+        for name, vocab, hidden, tie in (("teacher", 48, 48, False), ("student", 40, 32, tied)):
+            cfg = LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=hidden,
+                intermediate_size=2 * hidden,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                tie_word_embeddings=tie,
+            )
+            AutoModelForCausalLM.from_config(cfg).save_pretrained(work / name)
+        for name in ("zero1", "zero2", "zero3", "zero3_offload", "zero3_teacher"):
+            ds = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+            zero = ds["zero_optimization"]
+            if zero["stage"] == 3:
+                zero["stage3_param_persistence_threshold"] = 0  # every parameter really sharded and gathered
+            # Small buckets: the head's gradient alone overflows one and is reduced the moment it arrives, so a
+            # head whose gradient bypassed the engine's outputs would meet a stale accumulation boundary.
+            zero["reduce_bucket_size"] = 1000
+            if "allgather_bucket_size" in zero:
+                zero["allgather_bucket_size"] = 1000
+            (work / ("ds_teacher.json" if name == "zero3_teacher" else f"{name}.json")).write_text(json.dumps(ds))
+        out[tied] = work
+    return out
+
+
+# (student JSON, accumulation steps, teacher placement, divergence, tied student head): every shipped student
+# configuration, both accumulation settings a recipe produces here, and every teacher placement.
+GRAD_MATRIX = [
+    ("zero3", 2, "zero3", "forward_kl", True),
+    ("zero3", 2, "node", "jsd", False),
+    ("zero3_offload", 4, "replicated", "forward_kl", False),
+    ("zero1", 2, "replicated", "forward_kl", False),
+    ("zero2", 4, "zero3", "jsd", True),
+]
+
+
+@pytest.mark.parametrize(("student_json", "accum", "placement", "divergence", "tied"), GRAD_MATRIX)
+def test_gradients_equal_single_process_full_batch(grad_models, student_json, accum, placement, divergence, tied):
+    """2 ranks x ``accum`` micro-batches with uneven padding, heads gathered for the chunked loss under ZeRO-3: the
+    step's gradients (head included, tied or untied) equal those of a single process on the full batch with full
+    logits and sum / N, whatever the student's ZeRO stage, CPU offload or the teacher's placement; the teacher's
+    hidden states and the loss equal the reference's."""
+    work = grad_models[tied]
+    name = f"{student_json}_{accum}_{placement}_{divergence}"
     script = REPO / "tests" / "distributed" / "grad_equivalence.py"
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path), divergence]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), str(work)]
+    cmd += [str(work / f"{student_json}.json"), "--accum", str(accum), "--placement", placement]
+    cmd += ["--divergence", divergence, "--name", name]
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    result = json.loads((tmp_path / "result.json").read_text())
+    result = json.loads((work / f"{name}.json").read_text())
     assert result["sharded"], "parameters were not partitioned: the test would not exercise ZeRO-3"
+    assert result["teacher"]["sharded"] == (placement != "replicated")
+    assert result["teacher"]["node_shard"] == (placement == "node")
+    assert result["teacher_hidden_max_abs_err"] < 1e-6, result
+    assert result["loss_sum"] == pytest.approx(result["ref_loss_sum"], rel=1e-6)
+    assert result["valid_tokens"] == result["ref_valid_tokens"]
     assert result["max_rel_err"] < 1e-5, result
     assert result["grad_norm"] == pytest.approx(result["ref_grad_norm"], rel=1e-6)  # clipping sees the true norm
     assert result["per_micro_batch_mean_rel_err"] > 1e-2, "the batches are too uniform to catch mis-normalisation"
@@ -247,10 +290,28 @@ def test_single_process_run_without_launcher(tiny_prepared_data, tmp_path):
     assert metrics["step"] == 2 and metrics["teacher_val_loss"] is None and metrics["teacher_params"] == 0
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bf16_runs_with_zero1_and_zero2_students(kd_overrides, tmp_path, stage):
+    """The shipped ZeRO-1/2 JSONs in bf16 (DeepSpeed's BF16 optimizer at stage 1, fp32 gradient accumulation at both)
+    train, checkpoint and export a loadable student under a real 2-rank run."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / f"zero{stage}"
+    args = [*kd_overrides, f"run.out_dir={out}", "run.max_steps=2", "run.eval_every=0", "run.save_every=0"]
+    launch([*args, f"run.ds_config=ds_configs/zero{stage}.json", "run.precision=bf16"])
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["student_ds_config"]["zero_optimization"]["stage"] == stage
+    assert resolved["student_ds_config"]["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert math.isfinite(json.loads((out / "metrics.json").read_text())["val_loss"])
+    model = AutoModelForCausalLM.from_pretrained(out / "export")
+    assert model.config.hidden_size == 32 and next(model.parameters()).dtype == torch.bfloat16
+
+
 def test_sigterm_checkpoints_and_resume_finishes(kd_overrides, tmp_path):
     """A pre-empted job (SIGTERM to the launcher, as SLURM does) saves a checkpoint; resume=auto finishes the run."""
     out = tmp_path / "preempted"
     args = [*kd_overrides, f"run.out_dir={out}", "run.max_steps=30", "run.save_every=0", "run.eval_every=0"]
+    args.append("teacher.placement=zero3")  # the sharded teacher under a real run (the default here is replicated)
     proc = launch(args, background=True)
     log = out / "train.log"
     deadline = time.time() + 240
@@ -299,7 +360,14 @@ def test_checksum_mismatch_is_a_clear_error(corrupted_data, tmp_path):
     data[10] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"shard_00000.bin does not match the sha256"):
-        train_in_process([f"data.dir={corrupted_data}", f"run.out_dir={tmp_path / 'run'}"])
+        train_in_process([f"data.dir={corrupted_data}", "data.verify_checksums=true", f"run.out_dir={tmp_path / 'r'}"])
+    # Shards are hashed once, when prepared: a start reads only their sizes, and the verify tool names the bad one.
+    verify = [sys.executable, str(REPO / "tools" / "verify_data.py"), str(corrupted_data)]
+    proc = subprocess.run(verify, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "train/shard_00000.bin: sha256 differs" in proc.stdout, proc.stderr
+    assert "valid" in proc.stderr  # both splits were checked
+    ok = subprocess.run([*verify[:2], str(corrupted_data / "valid")], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "all shards match" in ok.stderr
 
 
 def test_teacher_vocab_smaller_than_tokenizer_is_refused(tiny_prepared_data, tmp_path):

@@ -1,83 +1,111 @@
-"""2 ranks x 2 micro-batches under ZeRO-3 vs one process on the full batch: the step's gradients must be equal.
+"""2 ranks x ACCUM micro-batches vs one process on the full batch: the step's gradients must be equal.
 
-    torchrun --standalone --nproc_per_node 2 tests/distributed/grad_equivalence.py WORK_DIR [DIVERGENCE]
+    torchrun --standalone --nproc_per_node 2 tests/distributed/grad_equivalence.py WORK_DIR STUDENT_JSON \
+        --accum 2 --placement zero3 --divergence forward_kl
 
-WORK_DIR holds teacher/ and student/ (tiny HF models) and ds_student.json / ds_teacher.json (stage 3, persistence
-threshold 0, so every parameter is really sharded). The student engine uses SGD with no clipping, so the weight change
-of one step is -LR * gradient (Adam would hide a wrong loss scale); LR is large so that the change dwarfs fp32 rounding
-of the weights themselves. Rank 0 recomputes the
-step in plain PyTorch on the concatenated batch with loss = sum / N and writes the comparison to WORK_DIR/result.json.
+WORK_DIR holds teacher/ and student/ (tiny HF models) and ds_teacher.json (the sharded teacher's ZeRO-3 settings,
+persistence threshold 0, so every parameter is really sharded). STUDENT_JSON is the student engine's DeepSpeed JSON
+(ZeRO stage 1, 2 or 3, with or without offload). The student engine uses SGD with no clipping, so the weight change of
+one step is -LR * gradient (Adam would hide a wrong loss scale); LR is large so that the change dwarfs fp32 rounding of
+the weights themselves. Rank 0 recomputes the step in plain PyTorch on the concatenated batch with loss = sum / N,
+checks the teacher's hidden states and the loss against it, and writes the comparison to WORK_DIR/<name>.json.
 """
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from minima.config import KDConfig
 from minima.data import IGNORE_INDEX, Batch
-from minima.dist import init_world, shutdown
+from minima.dist import all_reduce_sum, init_world, shutdown
 
-MICRO, SEQ, ACCUM, VOCAB = 2, 12, 2, 40  # tokenizer length 40; the teacher head is padded to 48
+MICRO, SEQ, VOCAB = 2, 12, 40  # tokenizer length 40; the teacher head is padded to 48
 LR = 1000.0
 
 
-def micro_batches(rank: int) -> list[Batch]:
+def micro_batches(rank: int, accum: int) -> list[Batch]:
     """Rank- and micro-batch-dependent padding, so that per-micro-batch means would weigh tokens wrongly."""
     out = []
-    for k in range(ACCUM):
+    for k in range(accum):
         g = torch.Generator().manual_seed(100 * rank + k)
         ids = torch.randint(0, VOCAB, (MICRO, SEQ + 1), generator=g)
         labels = ids[:, 1:].clone()
-        n_ignored = [0, 3, 9, 11][2 * rank + k]  # 0 .. 11 of 12 positions ignored in row 0
+        n_ignored = (3 * k + 5 * rank) % SEQ  # 0 .. 11 of 12 positions ignored in row 0
         labels[0, SEQ - n_ignored :] = IGNORE_INDEX
         out.append(Batch(input_ids=ids[:, :-1], labels=labels))
     return out
 
 
 def main() -> None:
-    work = Path(sys.argv[1])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("work", type=Path)
+    parser.add_argument("student_json", type=Path)
+    parser.add_argument("--accum", type=int, default=2)
+    parser.add_argument("--placement", default="zero3", choices=["replicated", "node", "zero3"])
+    parser.add_argument("--divergence", default="forward_kl")
+    parser.add_argument("--name", default="result")
+    args = parser.parse_args()
+    work = args.work
     world = init_world()
     import deepspeed
+    from transformers import AutoConfig
 
     from minima import engine as ds
+    from minima.config import ModelConfig
     from minima.distill import train_step
     from minima.losses import kd_loss_from_logits
 
-    divergence = sys.argv[2] if len(sys.argv) > 2 else "forward_kl"
     # chunk_tokens=5: each micro-batch's loss runs over several chunks of the gathered heads
-    kd = KDConfig(ce_weight=0.3, kd_weight=0.7, temperature=2.0, divergence=divergence, beta=0.3, chunk_tokens=5)
-    student_ds = json.loads((work / "ds_student.json").read_text())
-    teacher_ds = json.loads((work / "ds_teacher.json").read_text())
+    kd = KDConfig(ce_weight=0.3, kd_weight=0.7, temperature=2.0, divergence=args.divergence, beta=0.3, chunk_tokens=5)
+    student_ds = json.loads(args.student_json.read_text())
     student_ds.update(
-        train_batch_size=MICRO * ACCUM * world.world_size,
+        train_batch_size=MICRO * args.accum * world.world_size,
         train_micro_batch_size_per_gpu=MICRO,
-        gradient_accumulation_steps=ACCUM,
+        gradient_accumulation_steps=args.accum,
         gradient_clipping=0.0,
         zero_allow_untested_optimizer=True,  # SGD: a probe whose update is exactly -lr * grad
+        zero_force_ds_cpu_optimizer=False,  # ... also where ZeRO-Offload would insist on its CPU Adam
     )
-    teacher_ds.update(train_micro_batch_size_per_gpu=MICRO)
-    from transformers import AutoConfig
-
-    from minima.config import ModelConfig
+    teacher_ds = ds.teacher_ds_config(
+        json.loads((work / "ds_teacher.json").read_text()),
+        args.placement,
+        micro_batch_size=MICRO,
+        bf16=False,
+        gpus_per_node=world.world_size,  # 2 ranks: the node-local shard's group is both of them
+        path="ds_teacher.json",
+    )
 
     def load(name, ds_config):
         mc = ModelConfig(path=str(work / name))
+        config = AutoConfig.from_pretrained(mc.path)
         return ds.load_model(
-            mc, AutoConfig.from_pretrained(mc.path), ds_config, dtype=torch.float32, attn_implementation="sdpa"
+            mc, config, ds_config, dtype=torch.float32, attn_implementation="sdpa", device=world.device
         )
 
     teacher = ds.init_teacher(load("teacher", teacher_ds), teacher_ds)
+    teacher_params = list(teacher.module.parameters())
+    teacher_layout = {
+        "sharded": all(getattr(p, "ds_tensor", p).numel() < getattr(p, "ds_numel", 0) for p in teacher_params),
+        "node_shard": all(getattr(p, "ds_secondary_tensor", None) is not None for p in teacher_params),
+    }
     model = load("student", student_ds)
-    sharded = all(p.ds_tensor.numel() < p.ds_numel for p in model.parameters())
+    stage = ds.zero_stage(student_ds)
+    sharded = stage < 3 or all(p.ds_tensor.numel() < p.ds_numel for p in model.parameters())
+    from minima.models import HiddenStates
+
     student, *_ = deepspeed.initialize(
-        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=student_ds
+        model=HiddenStates(model), optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=student_ds
     )
-    params = dict(student.module.named_parameters())
+    params = dict(student.module.lm.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values())):
         before = {n: p.detach().clone() for n, p in params.items()}
-    sums = train_step(student, teacher, micro_batches(world.rank), kd, vocab_size=VOCAB, world=world)
+    mine = micro_batches(world.rank, args.accum)
+    with torch.no_grad():
+        teacher_hidden = teacher(mine[0].input_ids)  # (B, T, H_t) of this rank's first micro-batch
+    sums = train_step(student, teacher, mine, kd, vocab_size=VOCAB, world=world, compiled=False)
+    total = all_reduce_sum(sums, world.device)
     grad_norm = float(student.get_global_grad_norm())
     with deepspeed.zero.GatheredParameters(list(params.values())):
         grads = {n: (before[n] - p.detach()) / LR for n, p in params.items()}
@@ -87,11 +115,12 @@ def main() -> None:
 
         ref_student = AutoModelForCausalLM.from_pretrained(work / "student", dtype=torch.float32)
         ref_teacher = AutoModelForCausalLM.from_pretrained(work / "teacher", dtype=torch.float32).eval()
-        batches = [mb for r in range(world.world_size) for mb in micro_batches(r)]
+        batches = [mb for r in range(world.world_size) for mb in micro_batches(r, args.accum)]
         ids = torch.cat([mb.input_ids for mb in batches])
         labels = torch.cat([mb.labels for mb in batches])
         with torch.no_grad():
             t_logits = ref_teacher(input_ids=ids).logits
+            ref_hidden = ref_teacher.model(input_ids=mine[0].input_ids).last_hidden_state
         # The reference takes the plain path: full logits of both models, one batch, sum / N.
         terms = kd_loss_from_logits(
             ref_student(input_ids=ids).logits, t_logits, labels, **kd.loss_kwargs(), vocab_size=VOCAB
@@ -112,16 +141,23 @@ def main() -> None:
         naive = {n: p.grad for n, p in ref_student.named_parameters()}
         naive_rel = max(float((naive[n] - ref[n]).norm() / ref[n].norm()) for n in ref)
         result = {
+            "stage": stage,
+            "placement": args.placement,
+            "accum": args.accum,
             "sharded": sharded,
+            "teacher": teacher_layout,
+            "teacher_hidden_max_abs_err": float((teacher_hidden - ref_hidden).abs().max()),
+            "loss_sum": float(total[0]),
+            "ref_loss_sum": float(terms.loss_sum),
             "max_rel_err": max(rel.values()),
             "worst": max(rel, key=rel.get),
             "per_micro_batch_mean_rel_err": naive_rel,
             "grad_norm": grad_norm,
             "ref_grad_norm": ref_norm,
-            "local_valid_tokens": float(sums[4]),
+            "valid_tokens": float(total[4]),
             "ref_valid_tokens": int(terms.num_tokens),
         }
-        (work / "result.json").write_text(json.dumps(result, indent=2))
+        (work / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     shutdown()
 
 
