@@ -73,7 +73,7 @@ def main() -> None:
         args.placement,
         micro_batch_size=MICRO,
         bf16=False,
-        gpus_per_node=world.world_size,  # 2 ranks: the node-local shard's group is both of them
+        gpus_per_node=world.local_world_size,  # under --standalone, both ranks: the node is the whole world
         path="ds_teacher.json",
     )
 
