@@ -72,10 +72,8 @@ def train(cfg: Config, world: World, *, dry_run: bool = False) -> dict:
     derived = derive(cfg, world.world_size)
 
     # Everything that can be wrong with the input is checked here, before any model is built.
-    data_dir = Path(cfg.data.dir)
-    verify = {"verify_checksums": cfg.data.verify_checksums, "rank": world.rank, "world_size": world.world_size}
-    train_shards = TokenShards.open(data_dir / "train", **verify)
-    valid_shards = TokenShards.open(data_dir / "valid", **verify)
+    train_shards, valid_shards, student_hf, teacher_hf = _open_inputs(cfg, world)
+    tokenizer_dir, vocab_len = Path(cfg.data.dir) / "tokenizer", train_shards.vocab_size
     loader = TokenWindowLoader(
         train_shards,
         seq_len=cfg.data.seq_len,
@@ -84,19 +82,6 @@ def train(cfg: Config, world: World, *, dry_run: bool = False) -> dict:
         world_size=world.world_size,
         seed=cfg.data.seed,
     )
-    if count_windows(valid_shards, cfg.data.seq_len) == 0:
-        raise DataError(
-            f"{valid_shards.path} holds {valid_shards.num_tokens} tokens, less than one window of data.seq_len + 1 ="
-            f" {cfg.data.seq_len + 1}: prepare with a larger --valid-fraction or lower data.seq_len"
-        )
-    tokenizer_dir, vocab_len = data_dir / "tokenizer", train_shards.vocab_size
-    arch_defaults = {"vocab_size": vocab_len, "bos_token_id": train_shards.bos_id, "eos_token_id": train_shards.eos_id}
-    student_hf = hf_config(cfg.student, "student", arch_defaults)
-    check_vocab("student", cfg.student, student_hf, tokenizer_dir, vocab_len)
-    teacher_hf = None
-    if cfg.teacher is not None:
-        teacher_hf = hf_config(cfg.teacher, "teacher", arch_defaults)
-        check_vocab("teacher", cfg.teacher, teacher_hf, tokenizer_dir, vocab_len)
     bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and world.device.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
     attn = choose_attn_implementation(cfg.run.attn_implementation, world.device)
@@ -133,10 +118,10 @@ def train(cfg: Config, world: World, *, dry_run: bool = False) -> dict:
     }
     if world.is_main:
         print(json.dumps(resolved, indent=2, default=str), file=sys.stderr)
+        if not dry_run:
+            (out_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
     if dry_run:
         return resolved
-    if world.is_main:
-        (out_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
     if plan_text:
         log.info(plan_text)
     log.info(
@@ -155,8 +140,7 @@ def train(cfg: Config, world: World, *, dry_run: bool = False) -> dict:
         teacher = ds.init_teacher(ds.load_model(cfg.teacher, teacher_hf, teacher_ds, **load), teacher_ds)
     student_model = ds.load_model(cfg.student, student_hf, student_ds, **load)
     student = ds.init_student(student_model, cfg, derived, student_ds)
-    n_student = count_params(student.module)
-    n_teacher = count_params(teacher.module) if teacher is not None else 0
+    n_student, n_teacher = count_params(student.module), count_params(teacher.module) if teacher is not None else 0
     flops_per_token = 6 * n_student + 2 * n_teacher  # forward+backward of the student, forward of the teacher
     log.info(f"student {n_student / 1e6:.2f}M params (without input embedding), teacher {n_teacher / 1e6:.2f}M")
     # The chunked loss computes logits as hidden @ head^T: check that this is what each model does, on a few tokens.
@@ -270,6 +254,29 @@ def train(cfg: Config, world: World, *, dry_run: bool = False) -> dict:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     monitor.close()
     return metrics
+
+
+def _open_inputs(cfg: Config, world: World):
+    """(train shards, valid shards, student config, teacher config or None): the data opened and checked (sizes, or
+    checksums when asked), a held-out window guaranteed, and both models' configs checked against its tokenizer."""
+    data_dir = Path(cfg.data.dir)
+    verify = {"verify_checksums": cfg.data.verify_checksums, "rank": world.rank, "world_size": world.world_size}
+    train_shards = TokenShards.open(data_dir / "train", **verify)
+    valid_shards = TokenShards.open(data_dir / "valid", **verify)
+    if count_windows(valid_shards, cfg.data.seq_len) == 0:
+        raise DataError(
+            f"{valid_shards.path} holds {valid_shards.num_tokens} tokens, less than one window of data.seq_len + 1 ="
+            f" {cfg.data.seq_len + 1}: prepare with a larger --valid-fraction or lower data.seq_len"
+        )
+    tokenizer_dir, vocab_len = data_dir / "tokenizer", train_shards.vocab_size
+    arch_defaults = {"vocab_size": vocab_len, "bos_token_id": train_shards.bos_id, "eos_token_id": train_shards.eos_id}
+    student_hf = hf_config(cfg.student, "student", arch_defaults)
+    check_vocab("student", cfg.student, student_hf, tokenizer_dir, vocab_len)
+    teacher_hf = None
+    if cfg.teacher is not None:
+        teacher_hf = hf_config(cfg.teacher, "teacher", arch_defaults)
+        check_vocab("teacher", cfg.teacher, teacher_hf, tokenizer_dir, vocab_len)
+    return train_shards, valid_shards, student_hf, teacher_hf
 
 
 def _memory_plan(
