@@ -3,10 +3,13 @@ prepared dataset. Everything is built once per session in a temporary directory;
 
 from __future__ import annotations
 
+import json
 import sysconfig
 from pathlib import Path
 
 import pytest
+
+from tests.runs import REPO, SEQ, STUDENT_ARCH, TEACHER_ARCH
 
 # Small modules present in every CPython >= 3.10; ~125 kB of real code together.
 STDLIB_MODULES = (
@@ -70,3 +73,42 @@ def tiny_prepared_data(
     out = tmp_path_factory.mktemp("tiny_prepared")
     prepare_data(stdlib_files, tiny_tokenizer_dir, out, valid_fraction=0.2, shard_tokens=16384, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def sharded_ds_configs(tmp_path_factory) -> tuple[Path, Path]:
+    """The shipped zero3.json / zero3_teacher.json with ``stage3_param_persistence_threshold: 0``: even tiny parameters
+    are sharded and gathered on use (at the default threshold, tiny models would keep every parameter whole)."""
+    out = tmp_path_factory.mktemp("ds")
+    paths = []
+    for name in ("zero3.json", "zero3_teacher.json"):
+        ds = json.loads((REPO / "ds_configs" / name).read_text())
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        (out / name).write_text(json.dumps(ds))
+        paths.append(out / name)
+    return paths[0], paths[1]
+
+
+@pytest.fixture(scope="session")
+def kd_overrides(tiny_prepared_data, sharded_ds_configs) -> list[str]:
+    """A 2-rank KD run of the tiny models: 6 steps of 2 ranks x 2 sequences x 2 accumulation steps, evaluation and a
+    checkpoint every 3 steps."""
+    student_ds, teacher_ds = sharded_ds_configs
+    return [
+        f"data.dir={tiny_prepared_data}",
+        f"data.seq_len={SEQ}",
+        f"student.arch={STUDENT_ARCH}",
+        "teacher.path=null",
+        f"teacher.arch={TEACHER_ARCH}",
+        "run.micro_batch_size=2",
+        f"run.tokens_per_step={2 * 2 * SEQ * 2}",
+        "run.max_steps=6",
+        "run.log_every=1",
+        "run.eval_every=3",
+        f"run.eval_tokens={16 * SEQ}",
+        "run.save_every=3",
+        "run.keep_last=5",
+        "optim.lr=3e-3",
+        f"run.ds_config={student_ds}",
+        f"run.teacher_ds_config={teacher_ds}",
+    ]

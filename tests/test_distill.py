@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -22,19 +21,8 @@ import torch
 from minima.config import ConfigError, load_config
 from minima.data import DataError
 from minima.dist import World
+from tests.runs import BIN, REPO, SEQ, STUDENT_ARCH, TEACHER_ARCH, launch, subprocess_env
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-SEQ = 64
-STUDENT_ARCH = (
-    "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4,"
-    " num_key_value_heads: 2, max_position_embeddings: 64}"
-)
-# The teacher's head is padded past the tokenizer (1024 ids) as in real model families; KD compares the first 1024.
-TEACHER_ARCH = (
-    "{model_type: llama, hidden_size: 48, intermediate_size: 96, num_hidden_layers: 2, num_attention_heads: 4,"
-    " num_key_value_heads: 4, max_position_embeddings: 64, vocab_size: 1088}"
-)
 TB_TAGS = {
     "train/loss",
     "train/ce_loss",
@@ -52,72 +40,6 @@ TB_TAGS = {
 }
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def sharded_ds_configs(tmp_path_factory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("ds")
-    paths = []
-    for name in ("zero3.json", "zero3_teacher.json"):
-        ds = json.loads((REPO / "ds_configs" / name).read_text())
-        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        (out / name).write_text(json.dumps(ds))
-        paths.append(out / name)
-    return paths[0], paths[1]
-
-
-@pytest.fixture(scope="module")
-def kd_overrides(tiny_prepared_data, sharded_ds_configs) -> list[str]:
-    student_ds, teacher_ds = sharded_ds_configs
-    return [
-        f"data.dir={tiny_prepared_data}",
-        f"data.seq_len={SEQ}",
-        f"student.arch={STUDENT_ARCH}",
-        "teacher.path=null",
-        f"teacher.arch={TEACHER_ARCH}",
-        "run.micro_batch_size=2",
-        f"run.tokens_per_step={2 * 2 * SEQ * 2}",  # 2 ranks x 2 sequences x 2 accumulation steps
-        "run.max_steps=6",
-        "run.log_every=1",
-        "run.eval_every=3",
-        f"run.eval_tokens={16 * SEQ}",
-        "run.save_every=3",
-        "run.keep_last=5",
-        "optim.lr=3e-3",
-        f"run.ds_config={student_ds}",
-        f"run.teacher_ds_config={teacher_ds}",
-    ]
-
-
-def subprocess_env() -> dict[str, str]:
-    """One thread per rank (2 ranks on 2 cores), the CPU accelerator, and this virtualenv's tools first on PATH.
-
-    The last matters: DeepSpeed JIT-builds a C++ op with whichever `ninja` PATH finds first, and two ninja versions
-    hash the same build command differently, so alternating between them rebuilds the op (~30 s) every time.
-    """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
-    return env
-
-
-def launch(args: list[str], *, launcher: str = "torchrun", nproc: int = 2, timeout: int = 300, background=False):
-    """Start minima.distill under a real launcher (torchrun, deepspeed, or a plain python process)."""
-    env = subprocess_env()
-    if launcher == "torchrun":
-        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "minima.distill"]
-    elif launcher == "deepspeed":
-        from minima.dist import free_port
-
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module"]
-        cmd.append("minima.distill")
-    else:
-        cmd = [sys.executable, "-m", "minima.distill"]
-    cmd += ["tiny_cpu", *args]
-    if background:
-        return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,7 @@ def test_components_match_the_engines(tmp_path, student_json, placement):
     script = REPO / "tests" / "distributed" / "memory_plan.py"
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), str(out)]
     cmd += [str(tmp_path / f"{student_json}.json"), placement]
-    from tests.test_distill import subprocess_env
+    from tests.runs import subprocess_env
 
     proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
@@ -178,7 +178,7 @@ def test_plan_agrees_with_the_measured_peak(tmp_path):
     cmd = [sys.executable, str(REPO / "tools" / "bench_distill_step.py"), "--cases", "minima", "--ranks", "2"]
     cmd += ["--seq", "256", "--micro", "2", "--accum", "1", "--vocab", "32000", "--student", "2x256x768"]
     cmd += ["--teacher", "2x384x1024", "--steps", "1", "--warmup", "1", "--json", str(out)]
-    from tests.test_distill import subprocess_env
+    from tests.runs import subprocess_env
 
     proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]

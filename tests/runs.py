@@ -1,0 +1,53 @@
+"""What the multi-process tests share: the tiny models, a run's overrides, and starting minima.distill under a real
+launcher (torchrun, deepspeed or a plain process) with one thread per rank."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SEQ = 64
+STUDENT_ARCH = (
+    "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4,"
+    " num_key_value_heads: 2, max_position_embeddings: 64}"
+)
+# The teacher's head is padded past the tokenizer (1024 ids) as in real model families; KD compares the first 1024.
+TEACHER_ARCH = (
+    "{model_type: llama, hidden_size: 48, intermediate_size: 96, num_hidden_layers: 2, num_attention_heads: 4,"
+    " num_key_value_heads: 4, max_position_embeddings: 64, vocab_size: 1088}"
+)
+
+
+def subprocess_env() -> dict[str, str]:
+    """One thread per rank (2 ranks on 2 cores), the CPU accelerator, and this virtualenv's tools first on PATH.
+
+    The last matters: DeepSpeed JIT-builds a C++ op with whichever `ninja` PATH finds first, and two ninja versions
+    hash the same build command differently, so alternating between them rebuilds the op (~30 s) every time.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def launch(args: list[str], *, launcher: str = "torchrun", nproc: int = 2, timeout: int = 300, background=False):
+    """Start minima.distill under a real launcher (torchrun, deepspeed, or a plain python process)."""
+    env = subprocess_env()
+    if launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "minima.distill"]
+    elif launcher == "deepspeed":
+        from minima.dist import free_port
+
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module"]
+        cmd.append("minima.distill")
+    else:
+        cmd = [sys.executable, "-m", "minima.distill"]
+    cmd += ["tiny_cpu", *args]
+    if background:
+        return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
