@@ -10,6 +10,11 @@ At start: the inputs are checked, the memory plan printed (it places the teacher
 The step, top to bottom: draw the step's micro-batches; count their valid tokens over all ranks; for each micro-batch,
 teacher forward under no_grad, student forward, loss sums, backward scaled once by the global count, engine step;
 then log, evaluate, checkpoint. At the end: evaluation, a final checkpoint and the Hugging Face export.
+
+Stopping early (pre-emption, time limits): SIGUSR1, SIGTERM, SIGINT or SIGHUP on any rank, or a file named STOP in
+run.out_dir, make the job finish the optimizer step it is in, skip a due evaluation, save a checkpoint with the data
+position, write <out_dir>/stopped.json and exit with status 75 (EXIT_REQUEUE); run again, it resumes by itself
+(run.resume=auto). A second SIGINT aborts at once.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -38,6 +44,9 @@ from minima.monitor import Monitor, device_memory_bytes, peak_flops, peak_memory
 # torch.distributed deprecations raised from inside DeepSpeed on every collective: not actionable here.
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
+EXIT_REQUEUE = 75  # stopped on request with a checkpoint saved: run the same command again to continue (EX_TEMPFAIL)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minima.distill", description=__doc__.split("\n\n")[0])
@@ -53,22 +62,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     world = init_world()
     try:
-        train(cfg, world, dry_run=args.dry_run)
+        result = train(cfg, world, dry_run=args.dry_run)
     except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: a message, not a traceback
         where = f" (rank {world.rank})" if world.world_size > 1 else ""
         print(f"minima: {type(e).__name__}{where}: {e}", file=sys.stderr)
         # No barrier here: other ranks may be inside another collective; the launcher stops them when we exit.
         return 2
     shutdown()
-    return 0
+    return EXIT_REQUEUE if "stopped_at_step" in result else 0
 
 
 def train(cfg: Config, world: World, *, dry_run: bool = False) -> dict:
-    """Run (or resume) one training job; returns the final metrics written to <out_dir>/metrics.json."""
+    """Run (or resume) one training job; returns the final metrics written to <out_dir>/metrics.json, or
+    ``{"stopped_at_step": step, ...}`` when a stop was requested (signal or STOP file) and a checkpoint saved."""
+    with _StopFlag(Path(cfg.run.out_dir) / STOP_FILE, world.is_main) as stop:  # caught from the first moment
+        return _train(cfg, world, stop, dry_run=dry_run)
+
+
+def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict:
     from minima import engine as ds  # the only module that imports deepspeed
 
     out_dir = Path(cfg.run.out_dir)
     log = setup_logging(None if dry_run else out_dir, world.is_main)
+    if world.is_main and not dry_run:
+        (out_dir / "stopped.json").unlink(missing_ok=True)  # a previous stop's record; this run writes its own
     derived = derive(cfg, world.world_size)
 
     # Everything that can be wrong with the input is checked here, before any model is built.
@@ -172,7 +189,6 @@ def train(cfg: Config, world: World, *, dry_run: bool = False) -> dict:
         teacher_val_loss, teacher_ppl = evaluate(teacher)
         monitor.scalars(step, {"val/teacher_loss": teacher_val_loss, "val/teacher_ppl": teacher_ppl})
 
-    stop = _StopFlag()  # SIGTERM/SIGUSR1 (e.g. SLURM pre-emption): checkpoint at the next step boundary, then leave
     peak = peak_flops(world.device)
     window = torch.zeros(5, dtype=torch.float64)  # loss, ce, kd, top1 agreement, valid tokens since the last log
     t_window, steps_in_window = time.perf_counter(), 0
@@ -212,11 +228,12 @@ def train(cfg: Config, world: World, *, dry_run: bool = False) -> dict:
             window.zero_()
             t_window, steps_in_window = time.perf_counter(), 0
 
-        if last or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
+        # A stop request on any rank (signal or STOP file) is agreed on by all: the step is done, evaluation waits.
+        stopping = all_reduce_max(float(stop.poll()), world.device) > 0
+        if not stopping and (last or (cfg.run.eval_every and step % cfg.run.eval_every == 0)):
             val_loss, val_ppl = evaluate(student)
             monitor.scalars(step, {"val/loss": val_loss, "val/ppl": val_ppl})
 
-        stopping = all_reduce_max(float(stop.requested), world.device) > 0
         if last or stopping or (cfg.run.save_every and step % cfg.run.save_every == 0):
             state = {
                 "step": step,
@@ -225,14 +242,25 @@ def train(cfg: Config, world: World, *, dry_run: bool = False) -> dict:
                 "teacher_val_loss": teacher_val_loss,
                 "config": cfg.to_dict(),
             }
+            t_save = time.perf_counter()
             path = ds.save_checkpoint(
                 student, ckpt_root, step, state, keep_last=cfg.run.keep_last, is_main=world.is_main
             )
-            log.info(f"checkpoint {path}")
+            save_s = time.perf_counter() - t_save  # the signal lead time must cover a step and this
+            monitor.scalars(step, {"perf/checkpoint_save_s": save_s})
+            log.info(f"checkpoint {path} saved in {save_s:.1f} s")
         if stopping:
-            log.warning(f"stop requested by signal: checkpoint at step {step} saved; resume with run.resume=auto")
+            stopped = {"step": step, "checkpoint": str(path), "save_seconds": round(save_s, 3)}
+            stopped |= {"reason": stop.reason, "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+            if world.is_main:
+                _write_atomic(out_dir / "stopped.json", json.dumps(stopped, indent=2))
+                (out_dir / STOP_FILE).unlink(missing_ok=True)
+            log.warning(
+                f"stop requested ({stop.reason}): checkpoint at step {step} saved in {save_s:.1f} s; exiting with"
+                f" status {EXIT_REQUEUE}, run the same command again to resume (run.resume=auto)"
+            )
             monitor.close()
-            return {"stopped_at_step": step}
+            return {"stopped_at_step": step, **stopped}
 
     if val_loss is None:  # resumed after the last step: evaluate the final weights once more
         val_loss, val_ppl = evaluate(student)
@@ -403,16 +431,43 @@ def _changed_keys(old: dict, new: dict, ignore: set[str], prefix: str = "") -> l
     return keys
 
 
-class _StopFlag:
-    """Set by SIGTERM / SIGUSR1; the loop agrees on it across ranks at step boundaries."""
+STOP_FILE = "STOP"
 
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+
+class _StopFlag:
+    """A stop request: one of STOP_SIGNALS on this rank, or (checked by the main rank) ``stop_file`` existing. The
+    loop polls it at step boundaries and agrees on it across ranks. The previous handlers come back on exit."""
+
+    def __init__(self, stop_file: Path, is_main: bool) -> None:
+        self.stop_file, self.is_main = stop_file, is_main
+        self.reason: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.reason == name:  # Ctrl-C twice: abort now
+            raise KeyboardInterrupt
+        self.reason = self.reason or name
+
+    def poll(self) -> bool:
+        if self.reason is None and self.is_main and self.stop_file.exists():
+            self.reason = f"{self.stop_file} exists"
+        return self.reason is not None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

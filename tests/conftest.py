@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.runs import REPO, SEQ, STUDENT_ARCH, TEACHER_ARCH
+from tests.runs import REPO, SEQ, STUDENT_ARCH, TEACHER_ARCH, launch
 
 # Small modules present in every CPython >= 3.10; ~125 kB of real code together.
 STDLIB_MODULES = (
@@ -112,3 +112,12 @@ def kd_overrides(tiny_prepared_data, sharded_ds_configs) -> list[str]:
         f"run.ds_config={student_ds}",
         f"run.teacher_ds_config={teacher_ds}",
     ]
+
+
+@pytest.fixture(scope="session")
+def kd_run(tmp_path_factory, kd_overrides) -> Path:
+    """One uninterrupted 2-rank KD run of ``kd_overrides`` (6 steps, checkpoints at 3 and 6): the reference that
+    interrupted and resumed runs are compared with."""
+    out = tmp_path_factory.mktemp("kd_run")
+    launch([*kd_overrides, f"run.out_dir={out}"])
+    return out
