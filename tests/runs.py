@@ -33,21 +33,44 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def launch(args: list[str], *, launcher: str = "torchrun", nproc: int = 2, timeout: int = 300, background=False):
-    """Start minima.distill under a real launcher (torchrun, deepspeed, or a plain python process)."""
-    env = subprocess_env()
+def distill_cmd(args: list[str], *, launcher: str = "torchrun", nproc: int = 2, launcher_args=()) -> list[str]:
+    """The command line of minima.distill on the tiny recipe under a launcher (torchrun, deepspeed or python)."""
     if launcher == "torchrun":
-        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "minima.distill"]
+        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *launcher_args]
+        cmd += ["-m", "minima.distill"]
     elif launcher == "deepspeed":
         from minima.dist import free_port
 
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module"]
-        cmd.append("minima.distill")
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), *launcher_args]
+        cmd += ["--module", "minima.distill"]
     else:
         cmd = [sys.executable, "-m", "minima.distill"]
-    cmd += ["tiny_cpu", *args]
+    return [*cmd, "tiny_cpu", *args]
+
+
+def launch(
+    args: list[str],
+    *,
+    launcher: str = "torchrun",
+    nproc: int = 2,
+    timeout: int = 300,
+    background: bool = False,
+    launcher_args=(),
+):
+    """Start minima.distill under a real launcher (torchrun, deepspeed, or a plain python process); in the
+    background, in a session of its own (so that a test can signal the whole process group, as SLURM does)."""
+    env = subprocess_env()
+    cmd = distill_cmd(args, launcher=launcher, nproc=nproc, launcher_args=launcher_args)
     if background:
-        return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
