@@ -185,6 +185,9 @@ class RunConfig:
     """Optimizer steps between checkpoints (also at the end); 0 = only at the end."""
     keep_last: int = 2
     """Checkpoints kept on disk; older ones are deleted after a newer one is complete."""
+    export_fp32: bool = False
+    """Also write <out_dir>/export_fp32: the optimizer's fp32 master weights at the end of training (what DeepSpeed's
+    zero_to_fp32 reconstructs), beside <out_dir>/export, which is in the training dtype."""
     resume: str = "auto"
     """auto = continue from the newest checkpoint in out_dir if there is one; never; or a checkpoint directory."""
     seed: int = 0

@@ -43,6 +43,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from minima.config import ModelConfig, load_ds_config
 from minima.data import TokenShards
+from minima.files import apply_umask
 from minima.importance import Importance, Shape, accumulate_importance, calibration_batches, normalised
 from minima.models import check_vocab, choose_attn_implementation, has_weights
 
@@ -526,5 +527,6 @@ def write_student(
         if (teacher_dir / name).is_file():
             shutil.copy2(teacher_dir / name, tmp / name)
     (tmp / "pruning.json").write_text(json.dumps(summary, indent=1))
+    apply_umask(tmp)  # safetensors writes 0600: readable by the group as the rest of the run directory
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)

@@ -116,8 +116,8 @@ def kd_overrides(tiny_prepared_data, sharded_ds_configs) -> list[str]:
 
 @pytest.fixture(scope="session")
 def kd_run(tmp_path_factory, kd_overrides) -> Path:
-    """One uninterrupted 2-rank KD run of ``kd_overrides`` (6 steps, checkpoints at 3 and 6): the reference that
-    interrupted and resumed runs are compared with."""
+    """One uninterrupted 2-rank KD run of ``kd_overrides`` (6 steps, checkpoints at 3 and 6; also the fp32 export):
+    the reference that interrupted and resumed runs are compared with."""
     out = tmp_path_factory.mktemp("kd_run")
-    launch([*kd_overrides, f"run.out_dir={out}"])
+    launch([*kd_overrides, f"run.out_dir={out}", "run.export_fp32=true"])
     return out

@@ -19,6 +19,7 @@ import torch
 from minima.config import ConfigError, load_config
 from minima.data import DataError
 from minima.dist import World
+from minima.files import current_umask
 from tests.runs import BIN, REPO, SEQ, STUDENT_ARCH, TEACHER_ARCH, launch, subprocess_env
 
 TB_TAGS = {
@@ -76,6 +77,12 @@ def test_export_reloads_with_transformers_and_matches_reported_loss(kd_run, tiny
 
     export = kd_run / "export"
     assert (export / "model.safetensors").is_file() and (export / "config.json").is_file()
+    # Readable by the group as the umask says, like the rest of the run directory (safetensors itself writes 0600).
+    expected = 0o666 & ~current_umask()
+    assert {p.name: p.stat().st_mode & 0o777 for p in export.iterdir()} == {p.name: expected for p in export.iterdir()}
+    # fp32 training under ZeRO-3: the master weights are the weights.
+    master = AutoModelForCausalLM.from_pretrained(kd_run / "export_fp32", dtype="auto").state_dict()
+    assert all(torch.equal(t, master[k]) for k, t in AutoModelForCausalLM.from_pretrained(export).state_dict().items())
     model = AutoModelForCausalLM.from_pretrained(export)
     assert model.config.hidden_size == 32 and model.config.vocab_size == 1024
     tok = AutoTokenizer.from_pretrained(export)
@@ -210,13 +217,20 @@ def test_bf16_runs_with_zero1_and_zero2_students(kd_overrides, tmp_path, stage):
 
     out = tmp_path / f"zero{stage}"
     args = [*kd_overrides, f"run.out_dir={out}", "run.max_steps=2", "run.eval_every=0", "run.save_every=0"]
-    launch([*args, f"run.ds_config=ds_configs/zero{stage}.json", "run.precision=bf16"])
+    launch([*args, f"run.ds_config=ds_configs/zero{stage}.json", "run.precision=bf16", "run.export_fp32=true"])
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["student_ds_config"]["zero_optimization"]["stage"] == stage
     assert resolved["student_ds_config"]["data_types"] == {"grad_accum_dtype": "fp32"}
     assert math.isfinite(json.loads((out / "metrics.json").read_text())["val_loss"])
     model = AutoModelForCausalLM.from_pretrained(out / "export")
     assert model.config.hidden_size == 32 and next(model.parameters()).dtype == torch.bfloat16
+    # The fp32 master weights (zero_to_fp32) load as float32 and round to exactly the bf16 export.
+    master = AutoModelForCausalLM.from_pretrained(out / "export_fp32", dtype="auto")
+    assert next(master.parameters()).dtype == torch.float32
+    bf16 = model.state_dict()
+    for name, tensor in master.state_dict().items():
+        assert torch.equal(tensor.to(torch.bfloat16), bf16[name]), name
+    assert any(not torch.equal(t, t.to(torch.bfloat16).float()) for t in master.state_dict().values())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
