@@ -36,3 +36,8 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def tree_bytes(root: Path) -> int:
+    """Bytes in the files under ``root``."""
+    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
