@@ -279,10 +279,9 @@ def _read_windows(shards: TokenShards, offsets: np.ndarray, window_ids: np.ndarr
 
 
 def _to_batch(windows: np.ndarray) -> Batch:
-    return Batch(
-        input_ids=torch.from_numpy(np.ascontiguousarray(windows[:, :-1])),
-        labels=torch.from_numpy(np.ascontiguousarray(windows[:, 1:])),
-    )
+    # Copies, always: with one row, ascontiguousarray would return overlapping views of ``windows``, and masking the
+    # labels of a padding row would write IGNORE_INDEX into its inputs.
+    return Batch(input_ids=torch.from_numpy(windows[:, :-1].copy()), labels=torch.from_numpy(windows[:, 1:].copy()))
 
 
 def count_windows(shards: TokenShards, seq_len: int) -> int:
