@@ -43,6 +43,7 @@ gpu-check: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check minima tools tests
 	$(PY) -m ruff format --check minima tools tests
+	$(VENV)/bin/shellcheck -x slurm/*.sh
 
 format: $(STAMP)
 	$(PY) -m ruff format minima tools tests
