@@ -8,15 +8,15 @@
 # run.out_dir=RUN_DIR key=value ...` on every node without SSH between nodes, prints what it starts, and requeues the
 # job when the run stopped early with a checkpoint (time limit, pre-emption). Variables, all optional:
 #
-#   LAUNCHER=srun       srun starts every rank (one task per GPU); minima.dist reads the ranks from SLURM_PROCID,
-#                       SLURM_LOCALID, SLURM_STEP_NUM_TASKS, ... (see minima/dist.py)
+#   LAUNCHER=srun       srun starts every rank (one task per GPU); minima.ranks reads them from SLURM_PROCID,
+#                       SLURM_LOCALID, SLURM_STEP_NUM_TASKS, ... (see minima/ranks.py)
 #   LAUNCHER=torchrun   srun starts one torchrun per node (--nnodes N --node_rank $SLURM_NODEID), which starts its
 #                       GPUs' ranks
 #   RECIPE, RUN_DIR     the recipe and run directory (a first argument without '=' is the recipe; an argument
 #                       run.out_dir=DIR is the run directory)
 #   GPUS_PER_NODE       ranks per node (default: SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE, SLURM_NTASKS_PER_NODE, 1)
 #   MASTER_ADDR         default: the first host of SLURM_JOB_NODELIST
-#   MASTER_PORT         default: 10000 + SLURM_JOB_ID % 20000 (minima.dist.slurm_master_port derives the same)
+#   MASTER_PORT         default: 10000 + SLURM_JOB_ID % 20000 (minima.ranks.slurm_master_port derives the same)
 #   SIGNAL_LEAD=600     seconds; keep equal to the @ of the script's `#SBATCH --signal=B:USR1@...`. torchrun's
 #                       --shutdown_timeout (how long it waits for signalled workers before SIGKILL) is set to it.
 #   PYTHON=python       the interpreter with minima installed (activate its virtualenv before sbatch: sbatch
@@ -61,7 +61,7 @@ minima_hostnames() {
 	if command -v scontrol >/dev/null 2>&1; then
 		scontrol show hostnames "$1"
 	else
-		"$PYTHON" -m minima.dist hostnames "$1"
+		"$PYTHON" -m minima.ranks hostnames "$1"
 	fi
 }
 
@@ -157,7 +157,7 @@ minima_launch() {
 		for ((node = 0; node < nnodes; node++)); do
 			if [[ $launcher == srun ]]; then
 				for ((local_rank = 0; local_rank < gpus; local_rank++)); do
-					# What srun gives the task, from which minima.dist derives RANK, WORLD_SIZE, LOCAL_RANK.
+					# What srun gives the task, from which minima.ranks derives RANK, WORLD_SIZE, LOCAL_RANK.
 					task_env=("SLURM_PROCID=$((node * gpus + local_rank))" "SLURM_LOCALID=$local_rank")
 					task_env+=("SLURM_NODEID=$node")
 					task_env+=(SLURM_STEP_NUM_TASKS=$((nnodes * gpus)) "SLURM_STEP_TASKS_PER_NODE=$gpus(x$nnodes)")

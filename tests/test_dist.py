@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from minima.dist import LaunchError, Ranks, expand_hostlist, expand_tasks_per_node, ranks_from_env, slurm_master_port
+from minima.ranks import LaunchError, Ranks, expand_hostlist, expand_tasks_per_node, ranks_from_env, slurm_master_port
 
 # What sbatch's batch shell sees (no SLURM_STEP_* variables): not a job step.
 BATCH_SHELL = {

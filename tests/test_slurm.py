@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from minima.dist import free_port, ranks_from_env, slurm_master_port
+from minima.dist import free_port
+from minima.ranks import ranks_from_env, slurm_master_port
 from tests.runs import BIN, REPO, subprocess_env
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
@@ -87,7 +88,7 @@ def test_dry_run_srun_starts_one_task_per_gpu_with_slurm_ranks(nodes):
     for i, words in enumerate(tasks):
         env = dict(w.split("=", 1) for w in words[: -len(program) - len(OVERRIDES)])
         assert words[-len(program) - len(OVERRIDES) :] == [*program, *OVERRIDES]
-        # What minima.dist makes of the variables srun gives this task:
+        # What minima.ranks makes of the variables srun gives this task:
         r = ranks_from_env(env)
         assert (r.rank, r.world_size, r.local_rank, r.local_world_size) == (i, nodes * gpus, i % gpus, gpus)
         assert (r.master_addr, r.master_port, r.source) == ("gpu07", port, "slurm")
@@ -249,7 +250,7 @@ def test_srun_tasks_form_one_world_from_slurm_variables(kd_overrides, tmp_path):
 # records its arguments, expands host lists and says the job is running.
 FAKE_SRUN = """#!{python}
 import os, signal, subprocess, sys, time
-from minima.dist import expand_hostlist
+from minima.ranks import expand_hostlist
 
 with open(os.environ["FAKE_SLURM_LOG"], "a") as f:
     f.write("srun " + " ".join(sys.argv[1:]) + "\\n")
@@ -282,7 +283,7 @@ sys.exit(max(c if c >= 0 else 128 - c for c in (p.returncode for p in procs)))
 """
 FAKE_SCONTROL = """#!{python}
 import os, sys
-from minima.dist import expand_hostlist
+from minima.ranks import expand_hostlist
 
 with open(os.environ["FAKE_SLURM_LOG"], "a") as f:
     f.write("scontrol " + " ".join(sys.argv[1:]) + "\\n")
