@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from minima.arch import ArchError, arch_from_hf_config
+from minima.checkpoint import load_checkpoint, plan_resume, resume_ds_config, save_checkpoint
 from minima.config import Config, ConfigError, KDConfig, derive, load_config, load_ds_config, recipe_names
 from minima.data import IGNORE_INDEX, Batch, DataError, TokenShards, TokenWindowLoader, count_windows, eval_batches
 from minima.dist import World, all_reduce_max, all_reduce_sum, init_world, shutdown
@@ -104,6 +105,17 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
     attn = choose_attn_implementation(cfg.run.attn_implementation, world.device)
     compiled = cfg.kd.compile == "always" or (cfg.kd.compile == "auto" and world.device.type == "cuda")
     student_ds = ds.student_ds_config(cfg, derived, load_ds_config(cfg.run.ds_config, "run.ds_config"), bf16)
+    # Which checkpoint to continue from, decided (and converted for another world size) before any model is built.
+    resume = plan_resume(
+        out_dir,
+        cfg.run.resume,
+        world_size=world.world_size,
+        ds_config=student_ds,
+        student_config=student_hf,
+        is_main=world.is_main,
+        convert=not dry_run,
+    )
+    student_ds = resume_ds_config(student_ds, resume)
     teacher_base = load_ds_config(cfg.run.teacher_ds_config, "run.teacher_ds_config")
     # The memory plan, for every run; it decides teacher.placement=auto (replicated, node or zero3).
     plan_text, plan, placement = _memory_plan(
@@ -168,15 +180,15 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
 
     step, tokens_seen, teacher_val_loss = 0, 0, None
     ckpt_root = out_dir / "checkpoints"
-    resume_from = ds.find_checkpoint(out_dir, cfg.run.resume)
-    if resume_from is not None:
-        state = ds.load_checkpoint(student, resume_from)
+    if resume is not None:
+        state = load_checkpoint(student, resume)
         changed = _changed_keys(state["config"], cfg.to_dict(), ignore={"run.resume"})
         if changed:
-            log.warning(f"resuming {resume_from} with a changed config: {changed}")
-        loader.load_state_dict(state["loader"])
+            log.warning(f"resuming {resume.path} with a changed config: {changed}")
+        loader.load_state_dict(state["loader"])  # a global position: any world size continues where it stood
         step, tokens_seen, teacher_val_loss = state["step"], state["tokens_seen"], state["teacher_val_loss"]
-        log.info(f"resumed from {resume_from} at step {step} ({tokens_seen} tokens)")
+        how = f" (saved on {state['engine']['dp_world_size']} ranks: universal checkpoint)" if resume.universal else ""
+        log.info(f"resumed from {resume.path} at step {step} ({tokens_seen} tokens){how}")
 
     monitor = Monitor(out_dir, is_main=world.is_main, total_steps=derived.total_steps, start_step=step)
     eval_windows = cfg.run.eval_tokens // cfg.data.seq_len or None
@@ -243,9 +255,7 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
                 "config": cfg.to_dict(),
             }
             t_save = time.perf_counter()
-            path = ds.save_checkpoint(
-                student, ckpt_root, step, state, keep_last=cfg.run.keep_last, is_main=world.is_main
-            )
+            path = save_checkpoint(student, ckpt_root, step, state, keep_last=cfg.run.keep_last, is_main=world.is_main)
             save_s = time.perf_counter() - t_save  # the signal lead time must cover a step and this
             monitor.scalars(step, {"perf/checkpoint_save_s": save_s})
             log.info(f"checkpoint {path} saved in {save_s:.1f} s")

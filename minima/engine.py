@@ -1,4 +1,5 @@
-"""Everything that touches DeepSpeed: engine configs, model loading, the two engines, checkpoints, export.
+"""Everything that touches DeepSpeed: engine configs, model loading, the two engines, export (checkpoints are in
+``minima.checkpoint``).
 
 The teacher gets its own inference-only engine (no optimizer, no scheduler, eval mode, frozen, never checkpointed),
 replicated on every GPU or ZeRO-3 sharded over the node or over all GPUs (``teacher.placement``); the student gets
@@ -32,10 +33,6 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from minima.config import Config, ConfigError, Derived, ModelConfig
 from minima.models import HiddenStates, build_model
 from minima.optim import lr_lambda, param_groups
-
-CHECKPOINT_PREFIX = "step_"
-MINIMA_STATE = "minima_state.pt"
-
 
 STUDENT_STAGES = (1, 2, 3)
 
@@ -186,57 +183,6 @@ def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
         return
     with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
         yield
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: <out_dir>/checkpoints/step_00000100/ (DeepSpeed's files + minima_state.pt) and a 'latest' pointer that
-# is written only once every rank has finished, so a crash mid-save never leaves 'latest' pointing at a partial one.
-
-
-def checkpoint_tag(step: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{step:08d}"
-
-
-def save_checkpoint(
-    engine: deepspeed.DeepSpeedEngine, ckpt_root: Path, step: int, state: dict, *, keep_last: int, is_main: bool
-) -> Path:
-    """Save the student engine (weights, optimizer, scheduler) and minima's state; prune to the newest ``keep_last``."""
-    tag = checkpoint_tag(step)
-    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"minima": state}, save_latest=False)
-    if is_main:
-        torch.save(state, ckpt_root / tag / MINIMA_STATE)
-        tmp = ckpt_root / "latest.tmp"
-        tmp.write_text(tag)
-        tmp.replace(ckpt_root / "latest")  # atomic: readers see the old tag or the new one
-        tags = sorted(p.name for p in ckpt_root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
-        for old in tags[:-keep_last]:
-            shutil.rmtree(ckpt_root / old, ignore_errors=True)
-    torch.distributed.barrier()
-    return ckpt_root / tag
-
-
-def find_checkpoint(out_dir: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: the newest complete one (auto), none (never), or an explicit directory."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        latest = out_dir / "checkpoints" / "latest"
-        return latest.parent / latest.read_text().strip() if latest.is_file() else None
-    path = Path(resume)
-    if not (path / MINIMA_STATE).is_file():
-        raise FileNotFoundError(
-            f"run.resume={resume}: not a complete minima checkpoint (no {MINIMA_STATE}); give a directory like"
-            f" <out_dir>/checkpoints/{checkpoint_tag(100)}, or run.resume=auto / never"
-        )
-    return path
-
-
-def load_checkpoint(engine: deepspeed.DeepSpeedEngine, path: Path) -> dict:
-    """Restore weights, optimizer and scheduler into a freshly initialised engine; return minima's state."""
-    load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
-    if load_path is None:
-        raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {path}")
-    return client_state["minima"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
