@@ -16,7 +16,6 @@ resume that cannot work is one message, not a traceback per rank.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import time
@@ -25,11 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from minima.config import ConfigError
+from minima.dist import barrier, from_rank0
+from minima.files import fsync_dir, fsync_tree, write_atomic
 from minima.models import causal_lm
 
 if TYPE_CHECKING:
@@ -71,23 +72,21 @@ def save_checkpoint(
 ) -> Path:
     """Save the student engine (weights, optimizer, scheduler) and minima's ``state`` (collective call); then prune
     to the newest ``keep_last`` complete checkpoints. Returns the checkpoint directory."""
-    import torch.distributed as dist
-
     path = ckpt_root / checkpoint_tag(step)
     if is_main and path.exists():
         # This step's directory from an earlier attempt (a crash mid-save, or a resume from an older checkpoint):
         # start clean, or its stale files (another world size's shards, a universal copy) would mix with the new ones.
         _remove_checkpoint(path)
-    dist.barrier()
+    barrier()
     # Every rank writes its own files; DeepSpeed ends with a barrier, so all of them are written when it returns.
     engine.save_checkpoint(str(ckpt_root), tag=path.name, save_latest=False)
     if is_main:
-        _fsync_tree(path)  # DeepSpeed's files on disk before the marker that vouches for them
+        fsync_tree(path)  # DeepSpeed's files on disk before the marker that vouches for them
         full_state = {**state, "engine": engine_state(engine)}
-        _atomic_write(path / MINIMA_STATE, lambda f: torch.save(full_state, f))
-        _atomic_write(ckpt_root / LATEST, lambda f: f.write(path.name.encode()))
+        write_atomic(path / MINIMA_STATE, lambda f: torch.save(full_state, f))
+        write_atomic(ckpt_root / LATEST, lambda f: f.write(path.name.encode()))
         prune_checkpoints(ckpt_root, keep_last=keep_last, newest=path)
-    dist.barrier()
+    barrier()
     return path
 
 
@@ -139,40 +138,8 @@ def _remove_checkpoint(path: Path) -> None:
     marker = path / MINIMA_STATE
     if marker.exists():
         marker.unlink()
-        _fsync_dir(path)
+        fsync_dir(path)
     shutil.rmtree(path)
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Readers see the old file or the whole new one: write a temporary file, fsync it, rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    """Flush every file under ``path`` (written by any rank of this node; on a shared filesystem the writers' close
-    has already sent theirs) and the directories that name them."""
-    for root, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(root))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -399,36 +366,25 @@ def convert_to_universal(path: Path) -> Path:
     )
     ds_to_universal.main(args)
     (path / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's own pointer (to the tmp name): not used
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     tmp.rename(out)
-    _fsync_dir(path)
+    fsync_dir(path)
     log.info(f"converted {path} to a universal checkpoint in {out} ({time.perf_counter() - t0:.1f} s)")
     return out
 
 
 def _decided_by_rank0(decide: Callable[[], Any], is_main: bool) -> Any:
-    """Run ``decide`` on rank 0 and give every rank its result, or raise its error everywhere as ConfigError.
+    """``decide()`` on rank 0 only (it may convert a checkpoint), its result on every rank; whatever goes wrong there
+    is a ConfigError on every rank (the traceback logged on rank 0). The wait may be long: a conversion of a large
+    checkpoint can outlast NCCL's watchdog, so the result travels over a CPU group with a long timeout."""
 
-    The others wait on a CPU (gloo) group with a long timeout: a conversion of a large checkpoint can outlast NCCL's
-    watchdog (10 minutes by default), and no GPU collective is pending meanwhile.
-    """
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return decide()
-    group = dist.new_group(backend="gloo", timeout=timedelta(hours=3))
-    box: list[Any] = [None]
-    if is_main:
+    def guarded() -> Any:
         try:
-            box[0] = ("ok", decide())
-        except ConfigError as e:
-            box[0] = ("error", str(e))
+            return decide()
+        except ConfigError:
+            raise
         except Exception as e:  # a failed conversion: the traceback here, a message on every rank
             log.exception("resuming failed")
-            box[0] = ("error", f"preparing the resume failed on rank 0: {type(e).__name__}: {e}")
-    dist.broadcast_object_list(box, src=0, group=group)
-    dist.destroy_process_group(group)
-    kind, value = box[0]
-    if kind == "error":
-        raise ConfigError(value)
-    return value
+            raise ConfigError(f"preparing the resume failed on rank 0: {type(e).__name__}: {e}") from None
+
+    return from_rank0(guarded, is_main=is_main, timeout=timedelta(hours=3))

@@ -9,12 +9,17 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from minima.ranks import LaunchError, ranks_from_env
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,29 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def from_rank0(compute: Callable[[], T], *, is_main: bool, timeout: timedelta = timedelta(minutes=30)) -> T:
+    """``compute()`` on rank 0 only, its result on every rank; an exception raised there is raised on every rank.
+
+    The others wait on a CPU (gloo) group of their own with ``timeout``: no GPU collective is pending meanwhile, so a
+    long ``compute`` (converting a checkpoint) cannot trip NCCL's watchdog.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return compute()
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    box: list[object] = [None]
+    if is_main:
+        try:
+            box[0] = ("ok", compute())
+        except Exception as e:
+            box[0] = ("error", e)
+    dist.broadcast_object_list(box, src=0, group=group)
+    dist.destroy_process_group(group)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
 
 
 def shutdown() -> None:

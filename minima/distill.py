@@ -36,6 +36,7 @@ from minima.checkpoint import load_checkpoint, plan_resume, resume_ds_config, sa
 from minima.config import Config, ConfigError, KDConfig, derive, load_config, load_ds_config, recipe_names
 from minima.data import IGNORE_INDEX, Batch, DataError, TokenShards, TokenWindowLoader, count_windows, eval_batches
 from minima.dist import World, all_reduce_max, all_reduce_sum, init_world, shutdown
+from minima.files import tree_bytes, write_atomic
 from minima.losses import kd_loss_from_hidden
 from minima.memory import choose as choose_placement
 from minima.memory import format_choice, job_for
@@ -258,12 +259,13 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
             path = save_checkpoint(student, ckpt_root, step, state, keep_last=cfg.run.keep_last, is_main=world.is_main)
             save_s = time.perf_counter() - t_save  # the signal lead time must cover a step and this
             monitor.scalars(step, {"perf/checkpoint_save_s": save_s})
-            log.info(f"checkpoint {path} saved in {save_s:.1f} s")
+            size_gb = tree_bytes(path) / 1e9
+            log.info(f"checkpoint {path} saved in {save_s:.1f} s ({size_gb:.2f} GB, {size_gb / save_s:.2f} GB/s)")
         if stopping:
             stopped = {"step": step, "checkpoint": str(path), "save_seconds": round(save_s, 3)}
             stopped |= {"reason": stop.reason, "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
             if world.is_main:
-                _write_atomic(out_dir / "stopped.json", json.dumps(stopped, indent=2))
+                write_atomic(out_dir / "stopped.json", json.dumps(stopped, indent=2))
                 (out_dir / STOP_FILE).unlink(missing_ok=True)
             log.warning(
                 f"stop requested ({stop.reason}): checkpoint at step {step} saved in {save_s:.1f} s; exiting with"
@@ -277,6 +279,10 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
     export_dir = out_dir / "export"
     ds.export_hf(student, export_dir, tokenizer_dir, is_main=world.is_main)
     log.info(f"exported the student (Hugging Face format) to {export_dir}")
+    if cfg.run.export_fp32:  # the optimizer's fp32 master weights
+        fp32_dir = out_dir / "export_fp32"
+        ds.export_hf_fp32(student, fp32_dir, tokenizer_dir, is_main=world.is_main)
+        log.info(f"exported the fp32 master weights to {fp32_dir}")
     metrics = {
         "step": step,
         "tokens_seen": tokens_seen,
@@ -472,12 +478,6 @@ class _StopFlag:
         if self.reason is None and self.is_main and self.stop_file.exists():
             self.reason = f"{self.stop_file} exists"
         return self.reason is not None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ alive is silently partitioned with the wrong config).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from minima.config import Config, ConfigError, Derived, ModelConfig
+from minima.files import apply_umask
 from minima.models import HiddenStates, build_model
 from minima.optim import lr_lambda, param_groups
 
@@ -199,10 +201,43 @@ def export_hf(engine: deepspeed.DeepSpeedEngine, out_dir: Path, tokenizer_dir: P
     else:
         state_dict = lm.state_dict() if is_main else None
     if is_main:
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        lm.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
+        _write_hf(lm, state_dict, out_dir, tokenizer_dir)
     torch.distributed.barrier()
+
+
+def export_hf_fp32(engine: deepspeed.DeepSpeedEngine, out_dir: Path, tokenizer_dir: Path, *, is_main: bool) -> None:
+    """The optimizer's fp32 master weights as a Hugging Face directory whose config says float32 (collective call).
+
+    Read from the live engine with DeepSpeed's ``safe_get_full_fp32_param`` (what ``zero_to_fp32`` reconstructs from
+    a ZeRO checkpoint, and also right for the BF16 optimizer that DeepSpeed uses at stage 1, whose checkpoints
+    ``zero_to_fp32`` cannot read); one parameter at a time, gathered onto rank 0's host memory.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    lm = engine.module.lm
+    state_dict = {}
+    for name, param in lm.named_parameters():
+        full = safe_get_full_fp32_param(param)  # a collective under ZeRO-3
+        if full is None:  # no mixed precision: the parameter is its own master copy
+            full = param.detach()
+        if is_main:
+            state_dict[name] = full.to("cpu", torch.float32, copy=True)
+    if is_main:
+        _write_hf(lm, state_dict, out_dir, tokenizer_dir, dtype="float32")
+    torch.distributed.barrier()
+
+
+def _write_hf(lm: PreTrainedModel, state_dict, out_dir: Path, tokenizer_dir: Path, dtype: str | None = None) -> None:
+    """``save_pretrained`` + the tokenizer into a temporary directory, renamed into place when whole; permissions as
+    the umask says (safetensors writes 0600)."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+    if dtype is not None:  # save_pretrained records the module's dtype; these tensors have another
+        config = json.loads((tmp / "config.json").read_text())
+        config["dtype"] = dtype
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    apply_umask(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)

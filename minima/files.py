@@ -8,7 +8,9 @@ umask gives any new file.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 
 def current_umask() -> int:
@@ -27,15 +29,41 @@ def apply_umask(root: Path) -> None:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old content or the new, never a part (tmp + rename)."""
+def write_atomic(path: Path, content: str | bytes | Callable[[IO[bytes]], Any]) -> None:
+    """Readers see the old file or the whole new one: a temporary file (``content``, or what ``content(f)`` writes),
+    fsynced, renamed over ``path``, and the directory fsynced so that the rename survives a crash."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        if callable(content):
+            content(f)
+        else:
+            f.write(content.encode() if isinstance(content, str) else content)
         f.flush()
         os.fsync(f.fileno())
-    tmp.replace(path)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush every file under ``path`` (written by any rank of this node; on a shared filesystem the writers' close
+    has already sent theirs) and the directories that name them."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
 
 
 def tree_bytes(root: Path) -> int:
