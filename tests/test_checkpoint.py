@@ -300,7 +300,7 @@ def test_zero3_saved_on_2_ranks_resumed_on_1_and_back_on_2(zero3_ref, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [2])  # ZeRO-1 shares its optimizer code with ZeRO-2 (and passes: run with [1, 2])
 def test_zero12_saved_on_2_ranks_resumed_on_1(kd_overrides, tmp_path, stage):
     ref, one = tmp_path / "ref", tmp_path / "one"
     args = [*kd_overrides, f"run.ds_config=ds_configs/zero{stage}.json", "run.save_every=3"]
