@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from minima.arch import ArchError, arch_from_hf_config
+from minima.card import model_card
 from minima.checkpoint import load_checkpoint, plan_resume, resume_ds_config, save_checkpoint
 from minima.config import Config, ConfigError, KDConfig, derive, load_config, load_ds_config, recipe_names
 from minima.data import IGNORE_INDEX, Batch, DataError, TokenShards, TokenWindowLoader, count_windows, eval_batches
@@ -277,12 +278,6 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
     if val_loss is None:  # resumed after the last step: evaluate the final weights once more
         val_loss, val_ppl = evaluate(student)
     export_dir = out_dir / "export"
-    ds.export_hf(student, export_dir, tokenizer_dir, is_main=world.is_main)
-    log.info(f"exported the student (Hugging Face format) to {export_dir}")
-    if cfg.run.export_fp32:  # the optimizer's fp32 master weights
-        fp32_dir = out_dir / "export_fp32"
-        ds.export_hf_fp32(student, fp32_dir, tokenizer_dir, is_main=world.is_main)
-        log.info(f"exported the fp32 master weights to {fp32_dir}")
     metrics = {
         "step": step,
         "tokens_seen": tokens_seen,
@@ -294,6 +289,19 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
         "export_dir": str(export_dir),
         "tensorboard_dir": str(monitor.tensorboard_dir),
     }
+    export = {"is_main": world.is_main, "context": cfg.data.seq_len}
+    ds.export_hf(
+        student,
+        export_dir,
+        tokenizer_dir,
+        card=model_card(cfg, metrics, dtype=str(dtype).removeprefix("torch.")),
+        **export,
+    )
+    log.info(f"exported the student (Hugging Face format) to {export_dir}")
+    if cfg.run.export_fp32:  # the optimizer's fp32 master weights
+        fp32_dir = out_dir / "export_fp32"
+        ds.export_hf_fp32(student, fp32_dir, tokenizer_dir, card=model_card(cfg, metrics, dtype="float32"), **export)
+        log.info(f"exported the fp32 master weights to {fp32_dir}")
     if world.is_main:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     monitor.close()

@@ -191,8 +191,11 @@ def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
 # Export: a Hugging Face directory (safetensors + config + tokenizer) that AutoModelForCausalLM.from_pretrained loads.
 
 
-def export_hf(engine: deepspeed.DeepSpeedEngine, out_dir: Path, tokenizer_dir: Path, *, is_main: bool) -> None:
-    """Gather the student layer by layer onto rank 0 and write it with ``save_pretrained`` (collective call)."""
+def export_hf(
+    engine: deepspeed.DeepSpeedEngine, out_dir: Path, tokenizer_dir: Path, *, is_main: bool, context: int, card: str
+) -> None:
+    """Gather the student layer by layer onto rank 0 and write it with ``save_pretrained`` (collective call), ready to
+    generate: see :func:`_write_hf`."""
     lm = engine.module.lm  # the engine runs HiddenStates around the transformers model
     if engine.zero_optimization_partition_weights():
         state_dict = engine._zero3_consolidated_16bit_state_dict()  # also what accelerate uses under ZeRO-3
@@ -201,11 +204,13 @@ def export_hf(engine: deepspeed.DeepSpeedEngine, out_dir: Path, tokenizer_dir: P
     else:
         state_dict = lm.state_dict() if is_main else None
     if is_main:
-        _write_hf(lm, state_dict, out_dir, tokenizer_dir)
+        _write_hf(lm, state_dict, out_dir, tokenizer_dir, context=context, card=card)
     torch.distributed.barrier()
 
 
-def export_hf_fp32(engine: deepspeed.DeepSpeedEngine, out_dir: Path, tokenizer_dir: Path, *, is_main: bool) -> None:
+def export_hf_fp32(
+    engine: deepspeed.DeepSpeedEngine, out_dir: Path, tokenizer_dir: Path, *, is_main: bool, context: int, card: str
+) -> None:
     """The optimizer's fp32 master weights as a Hugging Face directory whose config says float32 (collective call).
 
     Read from the live engine with DeepSpeed's ``safe_get_full_fp32_param`` (what ``zero_to_fp32`` reconstructs from
@@ -223,21 +228,42 @@ def export_hf_fp32(engine: deepspeed.DeepSpeedEngine, out_dir: Path, tokenizer_d
         if is_main:
             state_dict[name] = full.to("cpu", torch.float32, copy=True)
     if is_main:
-        _write_hf(lm, state_dict, out_dir, tokenizer_dir, dtype="float32")
+        _write_hf(lm, state_dict, out_dir, tokenizer_dir, dtype="float32", context=context, card=card)
     torch.distributed.barrier()
 
 
-def _write_hf(lm: PreTrainedModel, state_dict, out_dir: Path, tokenizer_dir: Path, dtype: str | None = None) -> None:
-    """``save_pretrained`` + the tokenizer into a temporary directory, renamed into place when whole; permissions as
-    the umask says (safetensors writes 0600)."""
+def _write_hf(
+    lm: PreTrainedModel,
+    state_dict,
+    out_dir: Path,
+    tokenizer_dir: Path,
+    dtype: str | None = None,
+    *,
+    context: int,
+    card: str,
+) -> None:
+    """``save_pretrained`` + the tokenizer + the model card into a temporary directory, renamed into place when whole;
+    permissions as the umask says (safetensors writes 0600).
+
+    What generation needs out of the box: the pad and end-of-turn (EOS) ids in the config and the generation config
+    (the tokenizer's pad token, else EOS), and the trained context as the tokenizer's ``model_max_length``.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.model_max_length = context
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    lm.config.pad_token_id = pad
+    if lm.generation_config is not None:
+        lm.generation_config.pad_token_id = pad
+        lm.generation_config.eos_token_id = tokenizer.eos_token_id
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     lm.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     if dtype is not None:  # save_pretrained records the module's dtype; these tensors have another
         config = json.loads((tmp / "config.json").read_text())
         config["dtype"] = dtype
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (tmp / "README.md").write_text(card)
     apply_umask(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)

@@ -87,8 +87,16 @@ def test_export_reloads_with_transformers_and_matches_reported_loss(kd_run, tiny
     assert model.config.hidden_size == 32 and model.config.vocab_size == 1024
     tok = AutoTokenizer.from_pretrained(export)
     assert len(tok) == 1024 and tok.eos_token_id == model.config.eos_token_id
-    # The reloaded model scores the same held-out windows as the run's final (distributed) evaluation.
+    # Ready to generate: pad and end-of-turn ids where generate() reads them, the trained context, a model card.
+    assert model.config.pad_token_id == tok.pad_token_id == model.generation_config.pad_token_id is not None
+    assert model.generation_config.eos_token_id == tok.eos_token_id and tok.model_max_length == SEQ
+    out = model.generate(**tok("def f(x):", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > 1
+    card = (export / "README.md").read_text()
     metrics = json.loads((kd_run / "metrics.json").read_text())
+    assert "library_name: transformers" in card and f"{metrics['val_loss']:.4f}" in card and "forward_kl" in card
+    assert f"{metrics['tokens_seen']:,} tokens" in card and "float32" in card
+    # The reloaded model scores the same held-out windows as the run's final (distributed) evaluation.
     ours = evaluate_model(export, tiny_prepared_data, seq_len=SEQ, batch_size=2, max_windows=16)
     assert ours["loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)
 
