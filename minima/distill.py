@@ -222,20 +222,7 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
             total = all_reduce_sum(window, world.device).cpu()
             dt = time.perf_counter() - t_window
             tokens_per_s = steps_in_window * derived.tokens_per_step / dt
-            scalars = {
-                "train/loss": total[0].item() / total[4].item(),
-                "train/ce_loss": total[1].item() / total[4].item(),
-                "train/kd_loss": total[2].item() / total[4].item(),
-                "train/lr": student.get_lr()[0],
-                "train/grad_norm": float(student.get_global_grad_norm() or 0.0),
-                "train/tokens_seen": tokens_seen,
-                "perf/tokens_per_s": tokens_per_s,
-                "perf/peak_memory_gb": all_reduce_max(peak_memory_gb(world.device), world.device),
-            }
-            if teacher is not None:
-                scalars["train/top1_agreement"] = total[3].item() / total[4].item()
-            else:
-                del scalars["train/kd_loss"]
+            scalars = _train_scalars(total, student, teacher is not None, tokens_seen, tokens_per_s, world)
             if peak is not None:
                 scalars["perf/mfu"] = flops_per_token * tokens_per_s / (world.world_size * peak)
             monitor.scalars(step, scalars, show=("train/loss", "perf/tokens_per_s"))
@@ -256,24 +243,10 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
                 "teacher_val_loss": teacher_val_loss,
                 "config": cfg.to_dict(),
             }
-            t_save = time.perf_counter()
-            path = save_checkpoint(student, ckpt_root, step, state, keep_last=cfg.run.keep_last, is_main=world.is_main)
-            save_s = time.perf_counter() - t_save  # the signal lead time must cover a step and this
-            monitor.scalars(step, {"perf/checkpoint_save_s": save_s})
-            size_gb = tree_bytes(path) / 1e9
-            log.info(f"checkpoint {path} saved in {save_s:.1f} s ({size_gb:.2f} GB, {size_gb / save_s:.2f} GB/s)")
+            path, save_s = _save(student, ckpt_root, step, state, cfg, world, monitor, log)
         if stopping:
-            stopped = {"step": step, "checkpoint": str(path), "save_seconds": round(save_s, 3)}
-            stopped |= {"reason": stop.reason, "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
-            if world.is_main:
-                write_atomic(out_dir / "stopped.json", json.dumps(stopped, indent=2))
-                (out_dir / STOP_FILE).unlink(missing_ok=True)
-            log.warning(
-                f"stop requested ({stop.reason}): checkpoint at step {step} saved in {save_s:.1f} s; exiting with"
-                f" status {EXIT_REQUEUE}, run the same command again to resume (run.resume=auto)"
-            )
             monitor.close()
-            return {"stopped_at_step": step, **stopped}
+            return _record_stop(out_dir, step, path, save_s, stop.reason, world, log)
 
     if val_loss is None:  # resumed after the last step: evaluate the final weights once more
         val_loss, val_ppl = evaluate(student)
@@ -289,23 +262,68 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
         "export_dir": str(export_dir),
         "tensorboard_dir": str(monitor.tensorboard_dir),
     }
-    export = {"is_main": world.is_main, "context": cfg.data.seq_len}
-    ds.export_hf(
-        student,
-        export_dir,
-        tokenizer_dir,
-        card=model_card(cfg, metrics, dtype=str(dtype).removeprefix("torch.")),
-        **export,
-    )
-    log.info(f"exported the student (Hugging Face format) to {export_dir}")
-    if cfg.run.export_fp32:  # the optimizer's fp32 master weights
-        fp32_dir = out_dir / "export_fp32"
-        ds.export_hf_fp32(student, fp32_dir, tokenizer_dir, card=model_card(cfg, metrics, dtype="float32"), **export)
-        log.info(f"exported the fp32 master weights to {fp32_dir}")
+    _export(ds, student, cfg, out_dir, tokenizer_dir, metrics, str(dtype).removeprefix("torch."), world, log)
     if world.is_main:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     monitor.close()
     return metrics
+
+
+def _train_scalars(total: torch.Tensor, student, kd: bool, tokens_seen: int, tokens_per_s: float, world: World) -> dict:
+    """The logged training scalars from the window's summed (loss, ce, kd, top1 agreement, valid tokens)."""
+    n = total[4].item()
+    scalars = {
+        "train/loss": total[0].item() / n,
+        "train/ce_loss": total[1].item() / n,
+        "train/lr": student.get_lr()[0],
+        "train/grad_norm": float(student.get_global_grad_norm() or 0.0),
+        "train/tokens_seen": tokens_seen,
+        "perf/tokens_per_s": tokens_per_s,
+        "perf/peak_memory_gb": all_reduce_max(peak_memory_gb(world.device), world.device),
+    }
+    if kd:
+        scalars |= {"train/kd_loss": total[2].item() / n, "train/top1_agreement": total[3].item() / n}
+    return scalars
+
+
+def _save(student, ckpt_root: Path, step: int, state: dict, cfg: Config, world: World, monitor, log) -> tuple:
+    """Checkpoint the student; the time and size go to the log and TensorBoard (a stop signal's lead must cover a
+    step and this)."""
+    t_save = time.perf_counter()
+    path = save_checkpoint(student, ckpt_root, step, state, keep_last=cfg.run.keep_last, is_main=world.is_main)
+    save_s = time.perf_counter() - t_save
+    monitor.scalars(step, {"perf/checkpoint_save_s": save_s})
+    size_gb = tree_bytes(path) / 1e9
+    log.info(f"checkpoint {path} saved in {save_s:.1f} s ({size_gb:.2f} GB, {size_gb / save_s:.2f} GB/s)")
+    return path, save_s
+
+
+def _record_stop(out_dir: Path, step: int, path: Path, save_s: float, reason: str, world: World, log) -> dict:
+    """After a stop's checkpoint: <out_dir>/stopped.json (what a job script reads to requeue), the STOP file
+    consumed, and how to continue."""
+    stopped = {"step": step, "checkpoint": str(path), "save_seconds": round(save_s, 3), "reason": reason}
+    stopped["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")
+    if world.is_main:
+        write_atomic(out_dir / "stopped.json", json.dumps(stopped, indent=2))
+        (out_dir / STOP_FILE).unlink(missing_ok=True)
+    log.warning(
+        f"stop requested ({reason}): checkpoint at step {step} saved in {save_s:.1f} s; exiting with status"
+        f" {EXIT_REQUEUE}, run the same command again to resume (run.resume=auto)"
+    )
+    return {"stopped_at_step": step, **stopped}
+
+
+def _export(ds, student, cfg: Config, out_dir: Path, tokenizer_dir: Path, metrics: dict, dtype: str, world, log):
+    """The Hugging Face exports of the final student (training dtype; fp32 master weights when asked), each with
+    its model card."""
+    export = {"is_main": world.is_main, "context": cfg.data.seq_len}
+    export_dir = Path(metrics["export_dir"])
+    ds.export_hf(student, export_dir, tokenizer_dir, card=model_card(cfg, metrics, dtype=dtype), **export)
+    log.info(f"exported the student (Hugging Face format) to {export_dir}")
+    if cfg.run.export_fp32:
+        fp32_dir = out_dir / "export_fp32"
+        ds.export_hf_fp32(student, fp32_dir, tokenizer_dir, card=model_card(cfg, metrics, dtype="float32"), **export)
+        log.info(f"exported the fp32 master weights to {fp32_dir}")
 
 
 def _open_inputs(cfg: Config, world: World):
