@@ -12,8 +12,13 @@ from minima.config import Config
 def model_card(cfg: Config, metrics: dict, *, dtype: str) -> str:
     """Markdown with a Hugging Face metadata header: teacher, student initialisation, data, objective, length and
     held-out figures of the run that produced the export (``metrics`` as written to metrics.json)."""
-    kd = cfg.kd
-    if cfg.teacher is None:
+    kd, chat = cfg.kd, metrics.get("data")
+    if chat is not None:
+        made = "instruction tuning (MiniChat): cross-entropy on the assistant replies and their end-of-turn tokens"
+        made += "" if cfg.teacher is None else ", with token-level distillation from the teacher on the same tokens"
+        teacher = "none" if cfg.teacher is None else _model(cfg.teacher.path, cfg.teacher.arch)
+        objective = "CE" if cfg.teacher is None else f"{kd.ce_weight:g} * CE + {kd.kd_weight:g} * T^2 * {kd.divergence}"
+    elif cfg.teacher is None:
         made = "language-model training (no teacher): cross-entropy on the next token"
         teacher = "none"
         objective = "CE"
@@ -26,12 +31,16 @@ def model_card(cfg: Config, metrics: dict, *, dtype: str) -> str:
     student = _model(cfg.student.path, cfg.student.arch)
     val = _figure(metrics.get("val_loss"))
     teacher_val = _figure(metrics.get("teacher_val_loss"))
+    data = f"`{cfg.data.dir}`, windows of {cfg.data.seq_len} tokens (the trained context)"
+    if chat is not None:
+        data += f"; {chat['conversations']:,} conversations in the {chat['template']} chat template"
+        data += ", packed" if chat.get("pack") else ", one per window"
     rows = [
         ("made by", f"minima {__version__}: {made}"),
         ("teacher", teacher),
         ("student initialised from", student),
         ("parameters", f"{metrics['student_params'] / 1e6:.2f}M (without input embedding)"),
-        ("data", f"`{cfg.data.dir}`, windows of {cfg.data.seq_len} tokens (the trained context)"),
+        ("data", data),
         ("trained on", f"{metrics['tokens_seen']:,} tokens in {metrics['step']:,} optimizer steps"),
         ("objective", objective),
         ("optimizer", f"AdamW, lr {cfg.optim.lr:g}, warmup + cosine to {cfg.optim.min_lr_ratio:g} x lr"),

@@ -103,6 +103,9 @@ class OptimConfig:
     """Adam epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient L2 norm to this value (0 disables)."""
+    neftune_alpha: float = 0.0
+    """NEFTune: uniform noise of scale alpha / sqrt(T * H) added to the student's input embeddings in training (T the
+    window length, H the hidden size; MiniChat-1.5 used it for the chat stage); 0 = off."""
 
     def __post_init__(self) -> None:
         _positive("optim.lr", self.lr)
@@ -110,8 +113,10 @@ class OptimConfig:
         _in_range("optim.warmup_fraction", self.warmup_fraction, 0.0, 1.0)
         _in_range("optim.beta1", self.beta1, 0.0, 1.0, hi_open=True)
         _in_range("optim.beta2", self.beta2, 0.0, 1.0, hi_open=True)
-        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
-            raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0 and optim.eps > 0")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0 or self.neftune_alpha < 0:
+            raise ConfigError(
+                "optim.weight_decay, optim.grad_clip and optim.neftune_alpha must be >= 0 and optim.eps > 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -164,7 +169,10 @@ class RunConfig:
     total_tokens: int | None = None
     """Training length in tokens, rounded up to whole optimizer steps (used when max_steps is null)."""
     max_steps: int | None = None
-    """Training length in optimizer steps; when set, it takes precedence over total_tokens."""
+    """Training length in optimizer steps; when set, it takes precedence over epochs and total_tokens."""
+    epochs: float | None = None
+    """Training length in passes over the training windows (the chat stage), rounded up to whole optimizer steps;
+    when set, it takes precedence over total_tokens."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Compute dtype of both engines: auto = bf16 on GPU, fp32 on CPU."""
     activation_checkpointing: bool = False
@@ -181,6 +189,9 @@ class RunConfig:
     """Optimizer steps between held-out evaluations (also at the end); 0 = only at the end."""
     eval_tokens: int = 1048576
     """Held-out tokens per evaluation (all ranks together); 0 = the whole validation split."""
+    early_stopping_patience: int = 0
+    """Stop when the held-out loss has not improved for this many evaluations in a row (every eval_every steps); the
+    export is then that of the best evaluation, written when it was reached. 0 = off (the export is the last step)."""
     save_every: int = 500
     """Optimizer steps between checkpoints (also at the end); 0 = only at the end."""
     keep_last: int = 2
@@ -196,11 +207,15 @@ class RunConfig:
     def __post_init__(self) -> None:
         for name in ("tokens_per_step", "micro_batch_size", "log_every", "keep_last"):
             _positive(f"run.{name}", getattr(self, name))
-        for name in ("eval_every", "eval_tokens", "save_every"):
+        for name in ("eval_every", "eval_tokens", "save_every", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run.{name} must be >= 0, got {getattr(self, name)}")
-        if self.total_tokens is None and self.max_steps is None:
-            raise ConfigError("give run.total_tokens (tokens) or run.max_steps (optimizer steps)")
+        if self.total_tokens is None and self.max_steps is None and self.epochs is None:
+            raise ConfigError(
+                "give run.total_tokens (tokens), run.epochs (passes over the data) or run.max_steps (optimizer steps)"
+            )
+        if self.epochs is not None:
+            _positive("run.epochs", self.epochs)
         if self.total_tokens is not None:
             _positive("run.total_tokens", self.total_tokens)
         if self.max_steps is not None:
@@ -263,8 +278,9 @@ class Derived:
         }
 
 
-def derive(cfg: Config, world_size: int) -> Derived:
-    """Derive accumulation, DeepSpeed batch keys, total steps and warmup from the main knobs and the world size."""
+def derive(cfg: Config, world_size: int, train_windows: int | None = None) -> Derived:
+    """Derive accumulation, DeepSpeed batch keys, total steps and warmup from the main knobs and the world size
+    (and, for ``run.epochs``, the number of training windows of ``data.seq_len`` tokens)."""
     run = cfg.run
     tokens_per_micro_step = run.micro_batch_size * cfg.data.seq_len
     per_step_all_ranks = tokens_per_micro_step * world_size
@@ -276,7 +292,14 @@ def derive(cfg: Config, world_size: int) -> Derived:
             f" use e.g. run.tokens_per_step={lo} or {lo + per_step_all_ranks}"
         )
     grad_accum_steps = run.tokens_per_step // per_step_all_ranks
-    total_steps = run.max_steps if run.max_steps is not None else math.ceil(run.total_tokens / run.tokens_per_step)
+    if run.max_steps is not None:
+        total_steps = run.max_steps
+    elif run.epochs is not None:
+        if train_windows is None:
+            raise ConfigError("run.epochs needs the size of the training data; give run.max_steps or run.total_tokens")
+        total_steps = max(1, math.ceil(run.epochs * train_windows * cfg.data.seq_len / run.tokens_per_step))
+    else:
+        total_steps = math.ceil(run.total_tokens / run.tokens_per_step)
     train_batch_size = run.micro_batch_size * grad_accum_steps * world_size
     assert train_batch_size * cfg.data.seq_len == run.tokens_per_step
     return Derived(

@@ -5,6 +5,13 @@ Documents are concatenated with EOS after each one, so a shard is one long token
 into the next shard). Readers memory-map the shards and cut windows of ``seq_len + 1`` tokens with stride
 ``seq_len``; a window never crosses a shard boundary, so up to ``seq_len`` tokens at the end of each shard are unused.
 
+A split may also carry per-token flags (``flags_00000.bin``, uint8, one byte per token, beside each shard): the chat
+stage's conversations, rendered and packed into windows by ``minima.chat_data``. Bit ``FLAG_LABEL`` marks the
+positions whose next token is a label (the assistant replies; every other position gets ``IGNORE_INDEX``), bit
+``FLAG_START`` the first token of each conversation: a window's position ids restart there, so that attention and
+rotary positions stay within one conversation (``Batch.position_ids``). Such a split is packed for one ``seq_len``
+(``index.json``'s ``packed_seq_len``): every conversation lies inside one window, none crosses a window boundary.
+
 Windows are numbered globally: shard 0's windows first, then shard 1's, and so on. The training order is a seeded
 permutation of these numbers, new for every epoch; the loader's whole state is (epoch, position) plus a fingerprint of
 the data, so resuming costs O(1) and never replays batches. Nothing here touches ``torch.distributed``: ``rank`` and
@@ -31,6 +38,10 @@ IGNORE_INDEX = -100
 
 FORMAT = "minima-token-shards/1"
 INDEX_FILE = "index.json"
+FLAG_LABEL = 1
+"""Flag bit: the token after this position is a label of it (an assistant reply's token or end-of-turn)."""
+FLAG_START = 2
+"""Flag bit: a conversation (a packed sequence) starts at this position; position ids count from 0 here."""
 _UINT16_IDS = 2**16  # a vocabulary of at most 65536 ids fits uint16 (ids 0..65535)
 _HASH_CHUNK_BYTES = 16 * 2**20
 _PREPARE_HINT = "run tools/prepare_data.py --input PATH --tokenizer PATH --out DIR to prepare data"
@@ -64,16 +75,23 @@ def write_shards(
     bos_id: int | None,
     tokenizer: dict[str, Any],
     shard_tokens: int,
+    flags: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Stream documents' token ids into shards of ``shard_tokens`` tokens and write ``index.json`` last.
 
     Args:
-        out_dir: split directory to (over)write; stale ``shard_*.bin`` and ``index.json`` there are removed first.
-        token_arrays: one 1-D integer array per document, EOS already appended by the caller.
+        out_dir: split directory to (over)write; stale ``shard_*.bin``, ``flags_*.bin`` and ``index.json`` there are
+            removed first.
+        token_arrays: one 1-D integer array per document, EOS already appended by the caller; with ``flags``, one
+            ``(tokens, flags)`` pair of equal-length arrays per document (flags: uint8 of ``FLAG_*`` bits), written
+            to ``flags_*.bin`` beside the shards.
         vocab_size: number of ids the tokenizer can produce; every id must lie in ``[0, vocab_size)``.
         eos_id, bos_id: the tokenizer's special ids (``bos_id`` may be None), recorded in the index.
         tokenizer: the tokenizer's identity dict (``minima.tokenizer.Tokenizer.identity()``).
         shard_tokens: tokens per shard; every shard but the last holds exactly this many.
+        flags: whether documents come with per-token flags.
+        extra: more keys for the index (e.g. the chat stage's ``packed_seq_len``, counts of the preparation).
 
     Returns:
         The index dict, also written atomically (tmp file + rename) to ``out_dir/index.json``.
@@ -87,24 +105,30 @@ def write_shards(
     dtype = shard_dtype(vocab_size)
     # Remove the index first: a run that dies half-way leaves no index, so readers refuse the split.
     (out_dir / INDEX_FILE).unlink(missing_ok=True)
-    for stale in out_dir.glob("shard_*.bin"):
+    for stale in (*out_dir.glob("shard_*.bin"), *out_dir.glob("flags_*.bin")):
         stale.unlink()
 
     shards: list[dict[str, Any]] = []
     num_documents = 0
-    f = None
-    digest = hashlib.sha256()
+    f = flag_file = None
+    digest, flag_digest = hashlib.sha256(), hashlib.sha256()
     in_shard = 0  # tokens written to the open shard
 
     def close_shard() -> None:
-        nonlocal f, digest, in_shard
+        nonlocal f, flag_file, digest, flag_digest, in_shard
         assert f is not None
         f.close()
         shards[-1].update(num_tokens=in_shard, sha256=digest.hexdigest())
-        f, digest, in_shard = None, hashlib.sha256(), 0
+        if flag_file is not None:
+            flag_file.close()
+            shards[-1]["flags_sha256"] = flag_digest.hexdigest()
+        f, flag_file, digest, flag_digest, in_shard = None, None, hashlib.sha256(), hashlib.sha256(), 0
 
-    for doc_index, tokens in enumerate(token_arrays):
+    for doc_index, item in enumerate(token_arrays):
+        tokens, doc_flags = (np.asarray(item[0]), np.asarray(item[1], dtype=np.uint8)) if flags else (item, None)
         tokens = np.asarray(tokens)
+        if doc_flags is not None and doc_flags.shape != tokens.shape:
+            raise DataError(f"document {doc_index}: {doc_flags.shape} flags for {tokens.shape} tokens")
         if tokens.ndim != 1 or not (np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0):
             raise DataError(
                 f"document {doc_index}: expected a 1-D integer array of token ids, got dtype {tokens.dtype} "
@@ -122,10 +146,17 @@ def write_shards(
                 name = f"shard_{len(shards):05d}.bin"
                 shards.append({"file": name})
                 f = open(out_dir / name, "wb")  # noqa: SIM115 -- closed by close_shard
+                if flags:
+                    flag_file = open(out_dir / _flags_file(name), "wb")  # noqa: SIM115 -- closed by close_shard
             piece = tokens[: shard_tokens - in_shard]
             data = piece.tobytes()
             f.write(data)
             digest.update(data)
+            if doc_flags is not None:
+                flag_data = doc_flags[: piece.size].tobytes()
+                flag_file.write(flag_data)
+                flag_digest.update(flag_data)
+                doc_flags = doc_flags[piece.size :]
             in_shard += piece.size
             tokens = tokens[piece.size :]
             if in_shard == shard_tokens:
@@ -142,12 +173,18 @@ def write_shards(
         "tokenizer": dict(tokenizer),
         "num_tokens": sum(s["num_tokens"] for s in shards),
         "num_documents": num_documents,
+        "flags": bool(flags),
+        **(extra or {}),
         "shards": shards,
     }
     tmp = out_dir / (INDEX_FILE + ".tmp")
     tmp.write_text(json.dumps(index, indent=2) + "\n")
     os.replace(tmp, out_dir / INDEX_FILE)
     return index
+
+
+def _flags_file(shard_file: str) -> str:
+    return shard_file.replace("shard_", "flags_", 1)
 
 
 class TokenShards:
@@ -160,10 +197,14 @@ class TokenShards:
         tokenizer: the tokenizer identity dict recorded by prepare (kind, source, sha256, vocab_size).
         num_tokens: total tokens over all shards.
         shards: one read-only ``np.memmap`` of shape (num_tokens_in_shard,) per shard, in index order.
+        flags: the per-token uint8 flags (``FLAG_*``) of each shard, memory-mapped alike, or None (pre-training).
+        packed_seq_len: the window length a flagged split was packed for (None: any ``seq_len``).
         index: the parsed ``index.json``.
     """
 
-    def __init__(self, path: Path, index: dict[str, Any], shards: list[np.memmap]) -> None:
+    def __init__(
+        self, path: Path, index: dict[str, Any], shards: list[np.memmap], flags: list[np.memmap] | None = None
+    ) -> None:
         self.path = path
         self.index = index
         self.dtype = shards[0].dtype if shards else np.dtype(index["dtype"]).newbyteorder("<")
@@ -173,6 +214,8 @@ class TokenShards:
         self.tokenizer: dict[str, Any] = index["tokenizer"]
         self.num_tokens: int = index["num_tokens"]
         self.shards = shards
+        self.flags = flags
+        self.packed_seq_len: int | None = index.get("packed_seq_len")
 
     @classmethod
     def open(
@@ -221,17 +264,30 @@ class TokenShards:
                     f"({shard['num_tokens']} {index['dtype']} tokens): the shard was modified or truncated after "
                     "preparation; re-run tools/prepare_data.py"
                 )
+            flag_file = path / _flags_file(shard["file"])
+            if index.get("flags") and (not flag_file.is_file() or flag_file.stat().st_size != shard["num_tokens"]):
+                raise DataError(
+                    f"{flag_file} (the labels' flags of {file}, listed in {index_file}) is missing or does not hold"
+                    f" {shard['num_tokens']} bytes; re-run tools/prepare_chat.py"
+                )
         if verify_checksums:
             mine = [s for i, s in enumerate(index["shards"]) if i % world_size == rank]
             for shard in tqdm(mine, desc=f"verifying {path.name}", unit="shard", disable=rank != 0 or len(mine) < 8):
                 file = path / shard["file"]
-                if file_sha256(file) != shard["sha256"]:
-                    raise DataError(
-                        f"shard {file} does not match the sha256 recorded in {index_file}: the shard was modified "
-                        "after preparation; re-run tools/prepare_data.py"
-                    )
+                pairs = [(file, shard["sha256"])]
+                if index.get("flags"):
+                    pairs.append((path / _flags_file(shard["file"]), shard["flags_sha256"]))
+                for checked, expected in pairs:
+                    if file_sha256(checked) != expected:
+                        raise DataError(
+                            f"{checked} does not match the sha256 recorded in {index_file}: it was modified after "
+                            "preparation; prepare the data again"
+                        )
         shards = [np.memmap(path / s["file"], dtype=dtype, mode="r") for s in index["shards"]]
-        return cls(path, index, shards)
+        flags = None
+        if index.get("flags"):
+            flags = [np.memmap(path / _flags_file(s["file"]), dtype=np.uint8, mode="r") for s in index["shards"]]
+        return cls(path, index, shards, flags)
 
     def __repr__(self) -> str:
         return f"TokenShards({str(self.path)!r}, num_tokens={self.num_tokens}, shards={len(self.shards)})"
@@ -244,11 +300,15 @@ class Batch:
     Attributes:
         input_ids: (B, T) int64 token ids.
         labels: (B, T) int64; ``labels[b, t]`` is the token after ``input_ids[b, t]``, or ``IGNORE_INDEX`` where the
-            position must not count in any loss term (padding rows of evaluation).
+            position must not count in any loss term (padding rows of evaluation; in chat data, every position but
+            those predicting an assistant reply).
+        position_ids: (B, T) int64 positions within each packed conversation (restarting at 0 where one starts), or
+            None: one sequence per row (pre-training windows), the models' default positions.
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
+    position_ids: torch.Tensor | None = None
 
 
 def _check_rank(rank: int, world_size: int) -> None:
@@ -268,20 +328,48 @@ def _window_offsets(shards: TokenShards, seq_len: int) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(per_shard, dtype=np.int64)]).astype(np.int64)
 
 
-def _read_windows(shards: TokenShards, offsets: np.ndarray, window_ids: np.ndarray, seq_len: int) -> np.ndarray:
-    """(len(window_ids), seq_len + 1) int64 tokens of the given global windows."""
+def _read_windows(
+    shards: TokenShards, offsets: np.ndarray, window_ids: np.ndarray, seq_len: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(len(window_ids), seq_len + 1) int64 tokens of the given global windows, and their uint8 flags (or None)."""
     out = np.empty((len(window_ids), seq_len + 1), dtype=np.int64)
+    flags = None if shards.flags is None else np.zeros((len(window_ids), seq_len + 1), dtype=np.uint8)
     shard_of = np.searchsorted(offsets, window_ids, side="right") - 1
     for row, (window, shard) in enumerate(zip(window_ids.tolist(), shard_of.tolist(), strict=True)):
         start = (window - int(offsets[shard])) * seq_len
         out[row] = shards.shards[shard][start : start + seq_len + 1]
-    return out
+        if flags is not None:
+            flags[row] = shards.flags[shard][start : start + seq_len + 1]
+    return out, flags
 
 
-def _to_batch(windows: np.ndarray) -> Batch:
+def _to_batch(windows: np.ndarray, flags: np.ndarray | None = None) -> Batch:
     # Copies, always: with one row, ascontiguousarray would return overlapping views of ``windows``, and masking the
     # labels of a padding row would write IGNORE_INDEX into its inputs.
-    return Batch(input_ids=torch.from_numpy(windows[:, :-1].copy()), labels=torch.from_numpy(windows[:, 1:].copy()))
+    input_ids, labels = windows[:, :-1].copy(), windows[:, 1:].copy()
+    if flags is None:
+        return Batch(input_ids=torch.from_numpy(input_ids), labels=torch.from_numpy(labels))
+    flags = flags[:, :-1]
+    labels[(flags & FLAG_LABEL) == 0] = IGNORE_INDEX
+    positions = np.arange(input_ids.shape[1])
+    starts = (flags & FLAG_START) != 0
+    starts[:, 0] = True  # a window always begins a sequence
+    last_start = np.maximum.accumulate(np.where(starts, positions, 0), axis=1)
+    return Batch(
+        input_ids=torch.from_numpy(input_ids),
+        labels=torch.from_numpy(labels),
+        position_ids=torch.from_numpy(positions - last_start),
+    )
+
+
+def check_packing(shards: TokenShards, seq_len: int, key: str = "data.seq_len") -> None:
+    """A split packed for one window length (chat data) must be read with that length."""
+    if shards.packed_seq_len is not None and shards.packed_seq_len != seq_len:
+        raise DataError(
+            f"{shards.path} was packed into windows of {shards.packed_seq_len} tokens ({shards.path / INDEX_FILE}:"
+            f" packed_seq_len), but {key}={seq_len}: set {key}={shards.packed_seq_len} or prepare the"
+            f" conversations again with --seq-len {seq_len}"
+        )
 
 
 def count_windows(shards: TokenShards, seq_len: int) -> int:
@@ -291,7 +379,10 @@ def count_windows(shards: TokenShards, seq_len: int) -> int:
 
 def _fingerprint(shards: TokenShards, seq_len: int, seed: int) -> str:
     identity = {
-        "shards": [[s["num_tokens"], s["sha256"]] for s in shards.index["shards"]],
+        "shards": [
+            [s["num_tokens"], s["sha256"], *([s["flags_sha256"]] if "flags_sha256" in s else [])]
+            for s in shards.index["shards"]
+        ],
         "seq_len": seq_len,
         "seed": seed,
     }
@@ -336,6 +427,7 @@ class TokenWindowLoader:
         if seq_len < 1 or micro_batch_size < 1:
             raise DataError(f"seq_len and micro_batch_size must be >= 1, got {seq_len} and {micro_batch_size}")
         self.shards = _as_shards(shards, rank, world_size)
+        check_packing(self.shards, seq_len)
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
         self.rank = rank
@@ -383,7 +475,7 @@ class TokenWindowLoader:
         start = self._position + self.rank * self.micro_batch_size
         window_ids = self._order[start : start + self.micro_batch_size]
         self._position += self._windows_per_step
-        return _to_batch(_read_windows(self.shards, self._offsets, window_ids, self.seq_len))
+        return _to_batch(*_read_windows(self.shards, self._offsets, window_ids, self.seq_len))
 
     def state_dict(self) -> dict[str, Any]:
         """A few integers and a data fingerprint; enough to resume exactly where this loader stands."""
@@ -453,6 +545,7 @@ def eval_batches(
     if max_windows is not None and max_windows < 0:
         raise DataError(f"max_windows must be >= 0 or None, got {max_windows}")
     shards = _as_shards(shards, rank, world_size)
+    check_packing(shards, seq_len)
     offsets = _window_offsets(shards, seq_len)
     num_windows = int(offsets[-1]) if max_windows is None else min(int(offsets[-1]), max_windows)
     windows_per_step = micro_batch_size * world_size
@@ -462,8 +555,12 @@ def eval_batches(
             first = step * windows_per_step + rank * micro_batch_size
             window_ids = np.arange(first, min(first + micro_batch_size, num_windows), dtype=np.int64)
             windows = np.full((micro_batch_size, seq_len + 1), shards.eos_id, dtype=np.int64)
-            windows[: len(window_ids)] = _read_windows(shards, offsets, window_ids, seq_len)
-            batch = _to_batch(windows)
+            flags = None if shards.flags is None else np.zeros(windows.shape, dtype=np.uint8)
+            read, read_flags = _read_windows(shards, offsets, window_ids, seq_len)
+            windows[: len(window_ids)] = read
+            if flags is not None:
+                flags[: len(window_ids)] = read_flags
+            batch = _to_batch(windows, flags)
             batch.labels[len(window_ids) :] = IGNORE_INDEX
             yield batch
 

@@ -8,10 +8,14 @@
 5. Initialise it by structured pruning of the teacher (``tools/prune_to_student.py``, calibrated on the train split).
 6. Distil the pruned student (the ``tiny_cpu`` recipe: 0.5 CE + 0.5 KD at T=1).
 7. Two baselines for the same tokens without KD: the same pruned init, and a random init of the same shape.
-8. Evaluate the four exported Hugging Face models on the held-out shards; print a table, write summary.json.
+8. Evaluate the four exported Hugging Face models on the held-out shards; print a table.
+9. MiniChat: question/answer conversations made from the standard library's docstrings ("What does
+   `textwrap.dedent` do?" -> its docstring; ``minima.docstrings``), prepared with ``tools/prepare_chat.py``'s code;
+   the distilled student instruction-tuned on them (the ``tiny_chat`` recipe, ``minima.sft``); its dev loss on
+   held-out conversations before and after; one chat turn of the result with ``tools/chat.py``. summary.json.
 
-Steps 3, 6 and 7 are real ``deepspeed`` launches of ``minima.distill`` (2 ranks under ZeRO-3 on CPU, or one per GPU);
-every command is printed so that it can be rerun by hand.
+Steps 3, 6, 7 and 9 are real ``deepspeed`` launches of ``minima.distill`` / ``minima.sft`` (2 ranks under ZeRO-3 on
+CPU, or one per GPU); every command is printed so that it can be rerun by hand.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ from pathlib import Path
 
 import torch
 
+from minima.chat_data import prepare_chat
 from minima.config import REPO_ROOT
 from minima.dist import free_port
+from minima.docstrings import docstring_conversations, write_jsonl
 from minima.evaluate import evaluate_model
 from minima.prepare import prepare_data
 from minima.tokenizer import train_sentencepiece
@@ -43,7 +49,10 @@ TEACHER_ARCH = (
 TEACHER_TOKENS = 1_048_576
 STUDENT_TOKENS = 131_072  # while the student is below the teacher: KD helps most there (README)
 VOCAB_SIZE = 2048  # small: at this width the output head is a large share of a tiny model's compute
-SEQ_LEN = 256  # the tiny_cpu recipe's, within the teacher's max_position_embeddings
+SEQ_LEN = 256  # the tiny_cpu and tiny_chat recipes', within the teacher's max_position_embeddings
+CHAT_CONVERSATIONS = 1200
+EVAL_TOKENS = 32768  # the runs' own held-out evaluations (the table evaluates the whole split afterwards)
+CHAT_QUESTION = "What does `textwrap.dedent` do?"
 
 
 def stdlib_files(max_bytes: int) -> list[Path]:
@@ -72,20 +81,12 @@ def run_tool(script: str, args: list[str], log) -> str:
     return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
 
 
-def launch(out_dir: Path, overrides: list[str], num_ranks: int, log) -> dict:
-    """Run ``minima.distill`` under the deepspeed launcher; return the run's metrics.json."""
-    cmd = [
-        "deepspeed",
-        "--num_gpus",
-        str(num_ranks),
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "minima.distill",
-        "tiny_cpu",
-        *overrides,
-        f"run.out_dir={out_dir}",
-    ]
+def launch(
+    out_dir: Path, overrides: list[str], num_ranks: int, log, module="minima.distill", recipe="tiny_cpu"
+) -> dict:
+    """Run ``module`` (``minima.distill`` or ``minima.sft``) under the deepspeed launcher; return its metrics.json."""
+    cmd = ["deepspeed", "--num_gpus", str(num_ranks), "--master_port", str(free_port()), "--module", module, recipe]
+    cmd += [*overrides, f"run.out_dir={out_dir}", f"run.eval_tokens={EVAL_TOKENS}"]
     env = dict(os.environ)
     if not torch.cuda.is_available():  # one OpenMP thread per rank, or 2 ranks fight over the same cores
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // num_ranks)))
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student-tokens", type=int, default=STUDENT_TOKENS)
     parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
     parser.add_argument("--calib-windows", type=int, default=128, help="pruning's calibration windows")
+    parser.add_argument("--chat-conversations", type=int, default=CHAT_CONVERSATIONS)
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -178,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             name: {**m, "init": inits[name], "held_out_loss": evals[name]["loss"], "held_out_ppl": evals[name]["ppl"]}
             for name, m in runs.items()
         },
-        "wall_s": round(time.time() - t_start, 1),
     }
+    result["minichat"] = minichat(out, Path(runs["student_kd"]["export_dir"]), args, log)
+    result["wall_s"] = round(time.time() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(result, indent=2))
 
     print(f"\nheld-out loss on {evals['teacher']['tokens']} tokens of unseen standard-library files (nats/token)\n")
@@ -197,8 +200,47 @@ def main(argv: list[str] | None = None) -> int:
         ("pruned vs random init, CE alone: ", -result["pruned_minus_scratch"]),
     ):
         print(f"{what} {'better' if gain > 0 else 'NOT better'} by {gain:+.4f} nats/token")
+    chat = result["minichat"]
+    print(
+        f"\nMiniChat stage: {chat['conversations']['train']} train / {chat['conversations']['valid']} dev"
+        f" conversations; dev loss on the replies {chat['dev_loss_before']:.4f} -> {chat['dev_loss_after']:.4f}"
+        f" nats/token (best step {chat['best_step']})"
+    )
+    print(f"you> {CHAT_QUESTION}\nassistant> {chat['reply']}\n")
     print(f"summary: {out / 'summary.json'}   TensorBoard: tensorboard --logdir {out}   ({result['wall_s']:.0f} s)")
     return 0
+
+
+def minichat(out: Path, student_dir: Path, args, log) -> dict:
+    """Step 9: conversations from docstrings, the chat stage on the distilled student, a chat turn of the result."""
+    records = docstring_conversations(args.chat_conversations, seed=0)
+    conversations = write_jsonl(records, out / "chat_raw" / "docstrings.jsonl")
+    chat_dir = out / "chat"
+    prepared = prepare_chat([conversations], student_dir, chat_dir, seq_len=SEQ_LEN, valid_fraction=0.08, seed=0)
+    log(f"chat data: {json.dumps(prepared, default=str)}")
+    before = evaluate_model(student_dir, chat_dir, seq_len=SEQ_LEN)
+    sft = launch(
+        out / "minichat",
+        [f"data.dir={chat_dir}", f"student={{path: {student_dir}}}"],
+        args.num_ranks,
+        log,
+        module="minima.sft",
+        recipe="tiny_chat",
+    )
+    after = evaluate_model(sft["export_dir"], chat_dir, seq_len=SEQ_LEN)
+    chat_args = [sft["export_dir"], "--prompt", CHAT_QUESTION, "--max-new-tokens", "48"]
+    reply = run_tool("chat.py", chat_args, log).strip()
+    return {
+        "conversations": {split: prepared[split]["conversations"] for split in ("train", "valid")},
+        "dev_loss_before": before["loss"],
+        "dev_loss_after": after["loss"],
+        "dev_label_tokens": after["tokens"],
+        "best_step": sft["early_stopping"]["best_step"],
+        "steps": sft["step"],
+        "export_dir": sft["export_dir"],
+        "question": CHAT_QUESTION,
+        "reply": reply,
+    }
 
 
 if __name__ == "__main__":

@@ -35,13 +35,31 @@ from minima.arch import ArchError, arch_from_hf_config
 from minima.card import model_card
 from minima.checkpoint import load_checkpoint, plan_resume, resume_ds_config, save_checkpoint
 from minima.config import Config, ConfigError, KDConfig, derive, load_config, load_ds_config, recipe_names
-from minima.data import IGNORE_INDEX, Batch, DataError, TokenShards, TokenWindowLoader, count_windows, eval_batches
+from minima.data import (
+    IGNORE_INDEX,
+    Batch,
+    DataError,
+    TokenShards,
+    TokenWindowLoader,
+    check_packing,
+    count_windows,
+    eval_batches,
+)
 from minima.dist import World, all_reduce_max, all_reduce_sum, init_world, shutdown
+from minima.early_stop import EarlyStopping
 from minima.files import tree_bytes, write_atomic
 from minima.losses import kd_loss_from_hidden
 from minima.memory import choose as choose_placement
 from minima.memory import format_choice, job_for
-from minima.models import check_head_path, check_vocab, choose_attn_implementation, count_params, hf_config, output_head
+from minima.models import (
+    add_neftune,
+    check_head_path,
+    check_vocab,
+    choose_attn_implementation,
+    count_params,
+    hf_config,
+    output_head,
+)
 from minima.monitor import Monitor, device_memory_bytes, peak_flops, peak_memory_gb, setup_logging
 
 # torch.distributed deprecations raised from inside DeepSpeed on every collective: not actionable here.
@@ -89,10 +107,10 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
     log = setup_logging(None if dry_run else out_dir, world.is_main)
     if world.is_main and not dry_run:
         (out_dir / "stopped.json").unlink(missing_ok=True)  # a previous stop's record; this run writes its own
-    derived = derive(cfg, world.world_size)
 
     # Everything that can be wrong with the input is checked here, before any model is built.
     train_shards, valid_shards, student_hf, teacher_hf = _open_inputs(cfg, world)
+    derived = derive(cfg, world.world_size, count_windows(train_shards, cfg.data.seq_len))
     tokenizer_dir, vocab_len = Path(cfg.data.dir) / "tokenizer", train_shards.vocab_size
     loader = TokenWindowLoader(
         train_shards,
@@ -170,17 +188,20 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
     if cfg.teacher is not None:
         teacher = ds.init_teacher(ds.load_model(cfg.teacher, teacher_hf, teacher_ds, **load), teacher_ds)
     student_model = ds.load_model(cfg.student, student_hf, student_ds, **load)
+    if cfg.optim.neftune_alpha > 0:
+        add_neftune(student_model, cfg.optim.neftune_alpha)
     student = ds.init_student(student_model, cfg, derived, student_ds)
     n_student, n_teacher = count_params(student.module), count_params(teacher.module) if teacher is not None else 0
     flops_per_token = 6 * n_student + 2 * n_teacher  # forward+backward of the student, forward of the teacher
     log.info(f"student {n_student / 1e6:.2f}M params (without input embedding), teacher {n_teacher / 1e6:.2f}M")
     # The chunked loss computes logits as hidden @ head^T: check that this is what each model does, on a few tokens.
-    probe = next(eval_batches(valid_shards, seq_len=min(32, cfg.data.seq_len), micro_batch_size=1, max_windows=1))
+    probe = next(eval_batches(valid_shards, seq_len=cfg.data.seq_len, micro_batch_size=1, max_windows=1))
     for name, engine in (("student", student), ("teacher", teacher)):
         if engine is not None:
-            check_head_path(name, engine, probe.input_ids.to(world.device), ds.gathered)
+            check_head_path(name, engine, probe.input_ids[:, :32].to(world.device), ds.gathered)
 
     step, tokens_seen, teacher_val_loss = 0, 0, None
+    early = EarlyStopping(cfg.run.early_stopping_patience)
     ckpt_root = out_dir / "checkpoints"
     if resume is not None:
         state = load_checkpoint(student, resume)
@@ -189,6 +210,7 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
             log.warning(f"resuming {resume.path} with a changed config: {changed}")
         loader.load_state_dict(state["loader"])  # a global position: any world size continues where it stood
         step, tokens_seen, teacher_val_loss = state["step"], state["tokens_seen"], state["teacher_val_loss"]
+        early.load_state_dict(state.get("early_stopping", early.state_dict()))
         how = f" (saved on {state['engine']['dp_world_size']} ranks: universal checkpoint)" if resume.universal else ""
         log.info(f"resumed from {resume.path} at step {step} ({tokens_seen} tokens){how}")
 
@@ -207,7 +229,11 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
     window = torch.zeros(5, dtype=torch.float64)  # loss, ce, kd, top1 agreement, valid tokens since the last log
     t_window, steps_in_window = time.perf_counter(), 0
     val_loss = val_ppl = None
-    while step < derived.total_steps:
+    export_dir, dtype_name = out_dir / "export", str(dtype).removeprefix("torch.")
+    about = {"student_params": n_student, "teacher_params": n_teacher, "export_dir": str(export_dir)}
+    about |= {"tensorboard_dir": str(monitor.tensorboard_dir), "data": train_shards.index.get("chat")}
+    about["teacher_val_loss"] = teacher_val_loss
+    while step < derived.total_steps and not early.stopped:
         micro_batches = [next(loader) for _ in range(derived.grad_accum_steps)]
         window += train_step(
             student, teacher, micro_batches, cfg.kd, vocab_size=vocab_len, world=world, compiled=compiled
@@ -234,6 +260,12 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
         if not stopping and (last or (cfg.run.eval_every and step % cfg.run.eval_every == 0)):
             val_loss, val_ppl = evaluate(student)
             monitor.scalars(step, {"val/loss": val_loss, "val/ppl": val_ppl})
+            if early.update(step, val_loss) and early.patience:  # the best weights so far are the export
+                now = {"step": step, "tokens_seen": tokens_seen, "val_loss": val_loss, "val_ppl": val_ppl}
+                _export(ds, student, cfg, out_dir, tokenizer_dir, {**about, **now}, dtype_name, world, log)
+            if early.stopped:
+                log.info(f"early stopping: {early}; {export_dir} holds the weights of step {early.best_step}")
+                last = True
 
         if last or stopping or (cfg.run.save_every and step % cfg.run.save_every == 0):
             state = {
@@ -241,6 +273,7 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
                 "tokens_seen": tokens_seen,
                 "loader": loader.state_dict(),
                 "teacher_val_loss": teacher_val_loss,
+                "early_stopping": early.state_dict(),
                 "config": cfg.to_dict(),
             }
             path, save_s = _save(student, ckpt_root, step, state, cfg, world, monitor, log)
@@ -250,19 +283,10 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
 
     if val_loss is None:  # resumed after the last step: evaluate the final weights once more
         val_loss, val_ppl = evaluate(student)
-    export_dir = out_dir / "export"
-    metrics = {
-        "step": step,
-        "tokens_seen": tokens_seen,
-        "val_loss": val_loss,
-        "val_ppl": val_ppl,
-        "teacher_val_loss": teacher_val_loss,
-        "student_params": n_student,
-        "teacher_params": n_teacher,
-        "export_dir": str(export_dir),
-        "tensorboard_dir": str(monitor.tensorboard_dir),
-    }
-    _export(ds, student, cfg, out_dir, tokenizer_dir, metrics, str(dtype).removeprefix("torch."), world, log)
+    metrics = {"step": step, "tokens_seen": tokens_seen, "val_loss": val_loss, "val_ppl": val_ppl, **about}
+    metrics["early_stopping"] = early.state_dict()
+    if not early.patience or not export_dir.is_dir():  # with early stopping, the best evaluation was exported
+        _export(ds, student, cfg, out_dir, tokenizer_dir, metrics, dtype_name, world, log)
     if world.is_main:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     monitor.close()
@@ -333,6 +357,8 @@ def _open_inputs(cfg: Config, world: World):
     verify = {"verify_checksums": cfg.data.verify_checksums, "rank": world.rank, "world_size": world.world_size}
     train_shards = TokenShards.open(data_dir / "train", **verify)
     valid_shards = TokenShards.open(data_dir / "valid", **verify)
+    for shards in (train_shards, valid_shards):
+        check_packing(shards, cfg.data.seq_len)  # conversations are packed for one window length
     if count_windows(valid_shards, cfg.data.seq_len) == 0:
         raise DataError(
             f"{valid_shards.path} holds {valid_shards.num_tokens} tokens, less than one window of data.seq_len + 1 ="
@@ -399,15 +425,16 @@ def train_step(
     sums = torch.zeros(5, dtype=torch.float64, device=world.device)
     for mb in micro_batches:
         input_ids = _to_device(mb.input_ids, world.device)
+        positions = None if mb.position_ids is None else _to_device(mb.position_ids, world.device)  # packed chats
         teacher_hidden = None
         if teacher is not None:
             with torch.no_grad():
-                teacher_hidden = teacher(input_ids)  # (B, T, H_t): the decoder only, no logits
+                teacher_hidden = teacher(input_ids, position_ids=positions)  # (B, T, H_t): the decoder only
         # The student engine returns its hidden states and its head (whole inside the block under ZeRO-3), so every
         # gradient, the head's included, flows back through the engine's outputs. The loss never holds more than
         # one chunk of logits; the backward runs inside the block so the head's gradient is reduced there.
         with gathered([student_head]):
-            student_hidden, head = student(input_ids, student_head)  # (B, T, H_s), (V_s, H_s)
+            student_hidden, head = student(input_ids, student_head, position_ids=positions)  # (B,T,H_s), (V_s,H_s)
             with gathered([teacher_head]):
                 terms = kd_loss_from_hidden(
                     student_hidden,
@@ -452,7 +479,8 @@ def held_out_loss(model, shards: TokenShards, cfg: Config, world: World, max_win
 
     head = output_head(model)
     for mb in batches:  # every rank runs the same number of forwards (ZeRO-3 gathers inside)
-        hidden = model(_to_device(mb.input_ids, world.device))  # (B, T, H)
+        positions = None if mb.position_ids is None else _to_device(mb.position_ids, world.device)
+        hidden = model(_to_device(mb.input_ids, world.device), position_ids=positions)  # (B, T, H)
         with gathered([head]):
             terms = kd_loss_from_hidden(hidden, head, mb.labels)  # no_grad: values only, no head gradient
         sums += torch.stack([terms.ce_sum.double(), terms.num_tokens.double()])

@@ -32,13 +32,15 @@ def evaluate_model(
     max_windows: int | None = None,
     device: str = "cpu",
 ) -> dict[str, float]:
-    """Mean next-token cross-entropy (nats) and perplexity of ``model_dir`` on ``<data_dir>/valid``."""
+    """Mean next-token cross-entropy (nats) and perplexity of ``model_dir`` on ``<data_dir>/valid`` (for chat data:
+    on the labelled assistant tokens only, each conversation attended alone)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     shards = TokenShards.open(Path(data_dir) / "valid")
     ce_sum, num_tokens = 0.0, 0
     batches = eval_batches(shards, seq_len=seq_len, micro_batch_size=batch_size, max_windows=max_windows)
     for mb in tqdm(batches, desc=f"eval {model_dir}", unit="batch", leave=False, file=sys.stderr, disable=None):
-        hidden = last_hidden(model, mb.input_ids.to(device))  # no (B, T, V) logits: the loss works in chunks
+        positions = None if mb.position_ids is None else mb.position_ids.to(device)  # packed conversations
+        hidden = last_hidden(model, mb.input_ids.to(device), positions)  # no (B, T, V) logits: chunked loss
         terms = kd_loss_from_hidden(hidden, output_head(model), mb.labels.to(device))
         ce_sum += terms.ce_sum.item()
         num_tokens += int(terms.num_tokens)

@@ -118,19 +118,44 @@ def count_params(model: torch.nn.Module) -> int:
     return total if tied else total - numel[id(emb)]
 
 
-def last_hidden(lm: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+def last_hidden(lm: PreTrainedModel, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """A causal LM's last hidden states (B, T, H) after its final norm: its decoder alone, no output head touched.
 
     Asking the whole model for ``output_hidden_states`` instead would keep every layer's states alive (gigabytes for a
     frozen 7B teacher); calling its forward would multiply (or, under ZeRO-3, fetch) the output head for nothing.
+
+    ``position_ids`` (B, T) that restart at 0 mark packed sequences (chat data): transformers then keeps attention
+    within each of them, with a block-diagonal causal mask under sdpa and eager, and through flash-attn's varlen
+    kernel under flash_attention_2, which reads packing from the positions of a single row only: the rows are
+    laid end to end for it (each row starts a sequence, so nothing attends across rows either).
     """
-    return lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    decoder = lm.get_decoder()
+    if position_ids is None:
+        return decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+    if lm.config._attn_implementation == "flash_attention_2" and input_ids.shape[0] > 1:
+        flat = decoder(input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1), use_cache=False)
+        return flat.last_hidden_state.view(*input_ids.shape, -1)
+    return decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+
+
+def add_neftune(lm: PreTrainedModel, alpha: float) -> torch.utils.hooks.RemovableHandle:
+    """NEFTune (Jain et al., 2023): in training mode, add uniform noise in [-1, 1] * alpha / sqrt(T * H) to the input
+    embeddings (T tokens per row, H the hidden size); evaluation and export see the clean model."""
+
+    def noise(module: torch.nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        scale = alpha / (output.shape[-2] * output.shape[-1]) ** 0.5
+        return output + torch.zeros_like(output).uniform_(-scale, scale)
+
+    return lm.get_input_embeddings().register_forward_hook(noise)
 
 
 class HiddenStates(torch.nn.Module):
     """What both engines run: a transformers causal LM (``.lm``) cut before its output head.
 
-    ``forward(input_ids)`` returns the last hidden states (B, T, H). The chunked loss multiplies the output head itself,
+    ``forward(input_ids, position_ids=None)`` returns the last hidden states (B, T, H) (positions: see
+    :func:`last_hidden`). The chunked loss multiplies the output head itself,
     a chunk of tokens at a time, so no (B, T, V) logits and no second fetch of the head ever happen. For the student,
     ``forward(input_ids, head)`` also returns ``head`` (its output embedding, gathered under ZeRO-3 by the caller)
     through a view: every gradient of the step, the head's included, then flows back through the engine's outputs,
@@ -143,16 +168,16 @@ class HiddenStates(torch.nn.Module):
         self.lm = lm
 
     def forward(
-        self, input_ids: torch.Tensor, head: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, head: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if head is None:
-            return last_hidden(self.lm, input_ids)
+            return last_hidden(self.lm, input_ids, position_ids)
         if head.numel() == 0:
             raise RuntimeError("HiddenStates got a 0-size head: gather it first (minima.engine.gathered) under ZeRO-3")
         # The view is taken before the decoder runs: with tied embeddings the embedding's own ZeRO-3 release after
         # its forward must not take the head away from the loss.
         head_out = head.view_as(head)
-        return last_hidden(self.lm, input_ids), head_out
+        return last_hidden(self.lm, input_ids, position_ids), head_out
 
 
 def causal_lm(model: torch.nn.Module) -> PreTrainedModel:
@@ -171,12 +196,15 @@ def check_head_path(name: str, model: torch.nn.Module, input_ids: torch.Tensor, 
     computes logits that way. ``model`` is an engine around :class:`HiddenStates`; ``gathered`` is a context manager
     giving whole parameters under ZeRO-3. Runs the whole causal LM once (its submodules carry ZeRO-3's hooks)."""
     lm = causal_lm(model)
+    was_training = model.training
+    model.eval()  # no dropout, no NEFTune noise: the two forwards must see the same model
     with torch.no_grad():
         logits = lm(input_ids=input_ids, use_cache=False).logits.float()
         hidden = model(input_ids)
         head = output_head(model)
         with gathered([head]):
             ours = (hidden @ head.t()).float()
+    model.train(was_training)
     if not torch.allclose(ours, logits, rtol=1e-2, atol=1e-2 * float(logits.abs().max())):
         raise ConfigError(
             f"the {name}'s logits are not its last hidden state times its output embedding (max difference"
