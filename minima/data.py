@@ -44,6 +44,7 @@ FLAG_START = 2
 """Flag bit: a conversation (a packed sequence) starts at this position; position ids count from 0 here."""
 _UINT16_IDS = 2**16  # a vocabulary of at most 65536 ids fits uint16 (ids 0..65535)
 _HASH_CHUNK_BYTES = 16 * 2**20
+_AGAIN = "prepare it again (tools/prepare_data.py; tools/prepare_chat.py for conversations)"
 _PREPARE_HINT = "run tools/prepare_data.py --input PATH --tokenizer PATH --out DIR to prepare data"
 
 
@@ -238,31 +239,31 @@ class TokenShards:
         try:
             index = json.loads(index_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{index_file} is not valid JSON ({e}); re-run tools/prepare_data.py") from e
+            raise DataError(f"{index_file} is not valid JSON ({e}); {_AGAIN}") from e
         if not isinstance(index, dict) or index.get("format") != FORMAT:
             found = index.get("format") if isinstance(index, dict) else type(index).__name__
-            raise DataError(f"{index_file} has format {found!r}, expected {FORMAT!r}; re-run tools/prepare_data.py")
+            raise DataError(f"{index_file} has format {found!r}, expected {FORMAT!r}; {_AGAIN}")
         required = ("dtype", "vocab_size", "eos_id", "bos_id", "tokenizer", "num_tokens", "num_documents", "shards")
         missing = [key for key in required if key not in index]
         if missing:
-            raise DataError(f"{index_file} lacks the keys {missing}; re-run tools/prepare_data.py")
+            raise DataError(f"{index_file} lacks the keys {missing}; {_AGAIN}")
         if index["dtype"] not in ("uint16", "uint32"):
             raise DataError(f"{index_file} has dtype {index['dtype']!r}, expected 'uint16' or 'uint32'")
         dtype = np.dtype(index["dtype"]).newbyteorder("<")
         if sum(s["num_tokens"] for s in index["shards"]) != index["num_tokens"]:
-            raise DataError(f"{index_file}: num_tokens does not equal the sum over its shards; re-run prepare")
+            raise DataError(f"{index_file}: num_tokens does not equal the sum over its shards; prepare it again")
 
         # Cheap checks (existence, size) on every rank; the expensive hashing only on this rank's share.
         for shard in index["shards"]:
             file = path / shard["file"]
             if not file.is_file():
-                raise DataError(f"shard {file} listed in {index_file} is missing; re-run tools/prepare_data.py")
+                raise DataError(f"shard {file} listed in {index_file} is missing; {_AGAIN}")
             expected_bytes = shard["num_tokens"] * dtype.itemsize
             if shard["num_tokens"] < 1 or file.stat().st_size != expected_bytes:
                 raise DataError(
                     f"shard {file} has {file.stat().st_size} bytes but {index_file} expects {expected_bytes} "
                     f"({shard['num_tokens']} {index['dtype']} tokens): the shard was modified or truncated after "
-                    "preparation; re-run tools/prepare_data.py"
+                    f"preparation; {_AGAIN}"
                 )
             flag_file = path / _flags_file(shard["file"])
             if index.get("flags") and (not flag_file.is_file() or flag_file.stat().st_size != shard["num_tokens"]):

@@ -46,11 +46,12 @@ TEACHER_ARCH = (
     "{model_type: llama, hidden_size: 192, intermediate_size: 512, num_hidden_layers: 6, num_attention_heads: 6,"
     " num_key_value_heads: 6, max_position_embeddings: 256, tie_word_embeddings: false}"
 )
-TEACHER_TOKENS = 1_048_576
-STUDENT_TOKENS = 131_072  # while the student is below the teacher: KD helps most there (README)
+TEACHER_TOKENS = 786_432
+STUDENT_TOKENS = 98_304  # while the student is below the teacher: KD helps most there (README)
 VOCAB_SIZE = 2048  # small: at this width the output head is a large share of a tiny model's compute
 SEQ_LEN = 256  # the tiny_cpu and tiny_chat recipes', within the teacher's max_position_embeddings
-CHAT_CONVERSATIONS = 1200
+CHAT_CONVERSATIONS = 600
+ZERO2 = "run.ds_config=ds_configs/zero2.json"
 EVAL_TOKENS = 32768  # the runs' own held-out evaluations (the table evaluates the whole split afterwards)
 CHAT_QUESTION = "What does `textwrap.dedent` do?"
 
@@ -86,7 +87,7 @@ def launch(
 ) -> dict:
     """Run ``module`` (``minima.distill`` or ``minima.sft``) under the deepspeed launcher; return its metrics.json."""
     cmd = ["deepspeed", "--num_gpus", str(num_ranks), "--master_port", str(free_port()), "--module", module, recipe]
-    cmd += [*overrides, f"run.out_dir={out_dir}", f"run.eval_tokens={EVAL_TOKENS}"]
+    cmd += [*overrides, f"run.out_dir={out_dir}"]
     env = dict(os.environ)
     if not torch.cuda.is_available():  # one OpenMP thread per rank, or 2 ranks fight over the same cores
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // num_ranks)))
@@ -125,10 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     summary = prepare_data(files, tokenizer_dir, data_dir, valid_fraction=0.03, seed=0)
     log(f"data: {json.dumps(summary, default=str)}")
 
-    data = [f"data.dir={data_dir}"]
+    data = [f"data.dir={data_dir}", f"run.eval_tokens={EVAL_TOKENS}"]
     teacher = launch(
         out / "teacher",
-        [*data, "teacher=null", f"student.arch={TEACHER_ARCH}", f"run.total_tokens={args.teacher_tokens}"],
+        # ZeRO-2 for the teacher's own training: a model this small spends a fifth of a ZeRO-3 step gathering layers
+        [
+            *data,
+            "teacher=null",
+            f"student.arch={TEACHER_ARCH}",
+            f"run.total_tokens={args.teacher_tokens}",
+            ZERO2,
+            "run.eval_every=100",
+        ],
         args.num_ranks,
         log,
     )
@@ -228,7 +237,7 @@ def minichat(out: Path, student_dir: Path, args, log) -> dict:
         recipe="tiny_chat",
     )
     after = evaluate_model(sft["export_dir"], chat_dir, seq_len=SEQ_LEN)
-    chat_args = [sft["export_dir"], "--prompt", CHAT_QUESTION, "--max-new-tokens", "48"]
+    chat_args = [sft["export_dir"], "--prompt", CHAT_QUESTION, "--max-new-tokens", "48", "--repetition-penalty", "1.5"]
     reply = run_tool("chat.py", chat_args, log).strip()
     return {
         "conversations": {split: prepared[split]["conversations"] for split in ("train", "valid")},

@@ -6,6 +6,11 @@ ZeRO-1/2/3 student (plain LM training with teacher=null).
     python -m minima.distill tiny_cpu [key=value ...]           # a world of one
     python -m minima.distill RECIPE [key=value ...] --dry-run   # print the resolved config and derived values
 
+The chat stage (``python -m minima.sft``, MiniChat) is this job on conversations prepared by tools/prepare_chat.py:
+their shards label only the assistant replies and restart the position ids at each packed conversation
+(``Batch.position_ids``); ``run.epochs`` and ``run.early_stopping_patience`` (the best evaluation is the export)
+are its usual settings.
+
 At start: the inputs are checked, the memory plan printed (it places the teacher under ``auto``), both engines built.
 The step, top to bottom: draw the step's micro-batches; count their valid tokens over all ranks; for each micro-batch,
 teacher forward under no_grad, student forward, loss sums, backward scaled once by the global count, engine step;

@@ -250,6 +250,49 @@ def test_packed_logits_equal_each_conversation_alone(prepared, chat_inputs, tok,
             assert not torch.allclose(unmasked[b, start:stop], packed[b, start:stop], atol=1e-3)  # the test can fail
 
 
+def _flash_ready() -> bool:
+    from transformers.utils import is_flash_attn_2_available
+
+    return torch.cuda.is_available() and is_flash_attn_2_available()
+
+
+@pytest.mark.parametrize(
+    "attn",
+    [
+        "sdpa",
+        pytest.param(
+            "flash_attention_2",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not _flash_ready(), reason="needs a CUDA GPU and flash-attn")],
+        ),
+    ],
+)
+def test_training_forward_keeps_packed_conversations_apart(prepared, chat_inputs, tok, attn: str) -> None:
+    """The path the step runs (minima.models.last_hidden with the batch's position ids): each conversation's hidden
+    states in a packed micro-batch of several rows equal those of the conversation alone. Under flash_attention_2 the
+    rows are laid end to end for the varlen kernel; in bf16 on the GPU, to bf16 rounding."""
+    from minima.models import last_hidden
+
+    out, _ = prepared
+    expected = rendered(tok, split_of(chat_inputs[1], "train"))
+    placed = unpack(out / "train", expected, tok.pad_token_id)
+    input_ids, _, position_ids = all_windows(out / "train")
+    rows = [w for w, here in enumerate(placed) if len(here) >= 2][:3]
+    assert len(rows) >= 2
+    device, dtype, atol = (
+        ("cuda", torch.bfloat16, 3e-2) if attn == "flash_attention_2" else ("cpu", torch.float32, 1e-5)
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ)  # fmt: skip
+    model = LlamaForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype).to(device).eval()
+    with torch.no_grad():
+        packed = last_hidden(model, input_ids[rows].to(device), position_ids[rows].to(device)).float()
+        for b, w in enumerate(rows):
+            for start, stop in placed[w]:
+                alone = last_hidden(model, input_ids[w, start:stop][None].to(device))[0].float()
+                torch.testing.assert_close(packed[b, start:stop], alone, atol=atol, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad lines, truncation, no packing
 

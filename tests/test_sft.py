@@ -20,6 +20,8 @@ from minima.early_stop import EarlyStopping
 from minima.evaluate import evaluate_model
 from tests.runs import BIN, REPO, STUDENT_ARCH, TEACHER_ARCH, subprocess_env
 
+pytestmark = pytest.mark.slow
+
 CHAT_SEQ = 128
 CHAT_STUDENT = STUDENT_ARCH.replace("max_position_embeddings: 64", f"max_position_embeddings: {CHAT_SEQ}")
 CHAT_TEACHER = TEACHER_ARCH.replace("max_position_embeddings: 64", f"max_position_embeddings: {CHAT_SEQ}")

@@ -127,6 +127,25 @@ def test_dry_run_torchrun_starts_one_launcher_per_node(nodes):
     assert [*inner[:3], f"--node_rank={nodes - 1}", *inner[3:]] == node_lines[-1]
 
 
+def test_chat_stage_script_launches_minima_sft_with_its_recipe_and_lead():
+    """slurm/sft_minichat.sh shares the launch logic: minima.sft on minichat_3b, torchrun's shutdown timeout equal to
+    its own --signal lead (300 s)."""
+    script = REPO / "slurm" / "sft_minichat.sh"
+    overrides = ["student.path=/ckpt/minima-3b/export", "data.dir=/data/minichat"]
+    env = fake_job(1, 8, LAUNCHER="torchrun")
+    proc = subprocess.run(["bash", str(script), *overrides], env=env, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    (node,) = lines(proc.stdout, "minima: node ")
+    assert node[node.index("-m", 3) :] == [
+        "-m",
+        "minima.sft",
+        "minichat_3b",
+        "run.out_dir=runs/minichat_3b",
+        *overrides,
+    ]
+    assert option(node, "--shutdown_timeout") == "300" and "--signal=B:USR1@300" in script.read_text()
+
+
 def test_run_out_dir_argument_is_the_run_directory_and_ports_can_be_set():
     env = fake_job(1, 2, MASTER_ADDR="10.1.2.3", MASTER_PORT="23456")
     proc = run_script(["run.out_dir=/ckpt/x", "optim.lr=1e-4"], env)
