@@ -68,3 +68,27 @@ def test_a_directory_with_only_a_config_is_an_architecture(tmp_path):
     spec = ModelConfig(path=str(tmp_path / "weights"))
     loaded = build_model(spec, hf_config(spec, "student", {}), dtype=torch.float32, attn_implementation="sdpa")
     torch.testing.assert_close(loaded.lm_head.weight, trained.lm_head.weight)
+
+
+def test_neftune_noise_only_in_training_and_of_the_published_scale() -> None:
+    """NEFTune adds uniform noise in [-1, 1] * alpha / sqrt(T * H) to the input embeddings in training mode only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from minima.models import add_neftune
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2))  # fmt: skip
+    ids = torch.randint(0, 64, (2, 10))
+    clean = lm.get_input_embeddings()(ids).detach()
+    handle = add_neftune(lm, alpha=5.0)
+    embed = lm.get_input_embeddings()
+    lm.train()
+    noise = embed(ids).detach() - clean
+    bound = 5.0 / (10 * 16) ** 0.5
+    assert 0 < noise.abs().max() <= bound and noise.abs().max() > 0.9 * bound  # uniform up to the bound
+    lm.eval()
+    assert torch.equal(embed(ids), clean)
+    handle.remove()
+    lm.train()
+    assert torch.equal(embed(ids), clean)

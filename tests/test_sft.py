@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from minima.chat import render
 from minima.chat_data import prepare_chat
@@ -94,6 +94,10 @@ def test_export_carries_the_template_and_generates(sft_run, chat_records, tiny_t
     with torch.no_grad():
         generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
+    # Out of the box: the text-generation pipeline renders chat messages with the exported template.
+    chat = pipeline("text-generation", model=str(export), device="cpu")
+    reply = chat(messages, max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert reply[:-1] == messages and reply[-1]["role"] == "assistant"
 
 
 @pytest.fixture(scope="module")
