@@ -51,24 +51,15 @@ from transformers import AutoTokenizer
 
 from minima.chat import TEMPLATES, ChatFormatError, chat_template, conversation_from_record, render, set_chat_template
 from minima.data import FLAG_LABEL, FLAG_START, IGNORE_INDEX, DataError, write_shards
-from minima.prepare import split_documents
+from minima.prepare import builder_for, check_split_options, split_documents
 from minima.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-_JSON_SUFFIXES = (".json", ".jsonl")
-_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 _RENDER_BATCH_LINES = 100  # lines per map call: bounds the Python lists held at once
 _READ_BATCH_ROWS = 1000  # rendered rows per arrow batch when packing
 _REPORTED_BAD_LINES = 5  # bad lines quoted in the summary and the log
 _SKIP_HINT = "pass --skip-bad-lines to skip and count such lines"
-
-
-def _is_json_lines(file: Path) -> bool:
-    suffixes = [s.lower() for s in file.suffixes]
-    if suffixes and suffixes[-1] in _COMPRESSION_SUFFIXES:
-        suffixes = suffixes[:-1]
-    return bool(suffixes) and suffixes[-1] in _JSON_SUFFIXES
 
 
 def chat_files(inputs: Sequence[str | Path]) -> list[Path]:
@@ -79,14 +70,16 @@ def chat_files(inputs: Sequence[str | Path]) -> list[Path]:
     files = []
     for item in map(Path, inputs):
         if item.is_file():
-            if not _is_json_lines(item):
+            if builder_for(item) != "json":
                 raise DataError(f"input {item} is not a .jsonl/.json file (optionally .gz/.bz2/.xz/.zst)")
             files.append(item)
         elif item.is_dir():
             found = sorted(
                 f
                 for f in item.rglob("*")
-                if f.is_file() and _is_json_lines(f) and not any(p.startswith(".") for p in f.relative_to(item).parts)
+                if f.is_file()
+                and builder_for(f) == "json"
+                and not any(p.startswith(".") for p in f.relative_to(item).parts)
             )
             if not found:
                 raise DataError(f"input directory {item} has no .jsonl/.json files")
@@ -298,12 +291,7 @@ def prepare_chat(
     started = time.perf_counter()
     if seq_len < 2:
         raise DataError(f"seq_len must be >= 2, got {seq_len}")
-    if num_proc < 1:
-        raise DataError(f"num_proc must be >= 1, got {num_proc}")
-    if shard_tokens < 1:
-        raise DataError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    if not 0.0 <= valid_fraction < 1.0:
-        raise DataError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+    check_split_options(num_proc=num_proc, shard_tokens=shard_tokens, valid_fraction=valid_fraction)
     if template not in TEMPLATES:
         raise DataError(f"unknown chat template {template!r}; expected one of {', '.join(TEMPLATES)}")
     out_dir = Path(out_dir)

@@ -237,7 +237,7 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
     export_dir, dtype_name = out_dir / "export", str(dtype).removeprefix("torch.")
     about = {"student_params": n_student, "teacher_params": n_teacher, "export_dir": str(export_dir)}
     about |= {"tensorboard_dir": str(monitor.tensorboard_dir), "data": train_shards.index.get("chat")}
-    about["teacher_val_loss"] = teacher_val_loss
+    about |= {"teacher_val_loss": teacher_val_loss}
     while step < derived.total_steps and not early.stopped:
         micro_batches = [next(loader) for _ in range(derived.grad_accum_steps)]
         window += train_step(

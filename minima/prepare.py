@@ -36,7 +36,7 @@ _BATCH_DOCUMENTS = 1000  # documents per arrow batch when reading tokenised docu
 _TOKENIZE_BATCH_DOCUMENTS = 100  # documents per tokenizer call: bounds the Python lists of ids held at once
 
 
-def _builder_for(file: Path) -> str:
+def builder_for(file: Path) -> str:
     """The ``datasets`` builder that reads ``file``: "json", "parquet" or "text" (one document per file)."""
     suffixes = [s.lower() for s in file.suffixes]
     if suffixes and suffixes[-1] in _COMPRESSION_SUFFIXES:
@@ -128,7 +128,7 @@ def load_documents(
     if not inputs:
         raise DataError("no inputs given; pass one or more --input PATH")
     files = [f for item in inputs for f in _input_files(Path(item), pattern)]
-    builders = [_builder_for(f) for f in files]
+    builders = [builder_for(f) for f in files]
     # Each run of consecutive text (or parquet) files is read by one load_dataset call.
     parts, start = [], 0
     for end in range(1, len(files) + 1):
@@ -142,6 +142,16 @@ def load_documents(
 
 def _is_not_empty(batch: dict[str, list]) -> list[bool]:
     return [bool(text) for text in batch["text"]]
+
+
+def check_split_options(*, num_proc: int, shard_tokens: int, valid_fraction: float) -> None:
+    """The options every preparation shares (pre-training documents and conversations), checked before any work."""
+    if num_proc < 1:
+        raise DataError(f"num_proc must be >= 1, got {num_proc}")
+    if shard_tokens < 1:
+        raise DataError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    if not 0.0 <= valid_fraction < 1.0:
+        raise DataError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
 
 
 def split_documents(num_documents: int, valid_fraction: float, seed: int) -> np.ndarray:
@@ -214,12 +224,7 @@ def prepare_data(
         A summary: counts of documents and tokens per split, the output paths, the tokenizer and the time taken.
     """
     started = time.perf_counter()
-    if num_proc < 1:
-        raise DataError(f"num_proc must be >= 1, got {num_proc}")
-    if shard_tokens < 1:
-        raise DataError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    if not 0.0 <= valid_fraction < 1.0:
-        raise DataError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+    check_split_options(num_proc=num_proc, shard_tokens=shard_tokens, valid_fraction=valid_fraction)
     out_dir = Path(out_dir)
     tok = load_tokenizer(tokenizer)  # vocabularies over 65536 ids (Llama-3, Qwen) are written as uint32 shards
 
