@@ -74,7 +74,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minima.data import IGNORE_INDEX
+from minima.shards import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant")
 TEMPLATES = ("minichat", "tokenizer")

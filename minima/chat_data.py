@@ -50,8 +50,8 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from minima.chat import TEMPLATES, ChatFormatError, chat_template, conversation_from_record, render, set_chat_template
-from minima.data import FLAG_LABEL, FLAG_START, IGNORE_INDEX, DataError, write_shards
 from minima.prepare import builder_for, check_split_options, split_documents
+from minima.shards import FLAG_LABEL, FLAG_START, IGNORE_INDEX, DataError, write_shards
 from minima.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -40,16 +40,7 @@ from minima.arch import ArchError, arch_from_hf_config
 from minima.card import model_card
 from minima.checkpoint import load_checkpoint, plan_resume, resume_ds_config, save_checkpoint
 from minima.config import Config, ConfigError, KDConfig, derive, load_config, load_ds_config, recipe_names
-from minima.data import (
-    IGNORE_INDEX,
-    Batch,
-    DataError,
-    TokenShards,
-    TokenWindowLoader,
-    check_packing,
-    count_windows,
-    eval_batches,
-)
+from minima.data import Batch, TokenWindowLoader, check_packing, count_windows, eval_batches
 from minima.dist import World, all_reduce_max, all_reduce_sum, init_world, shutdown
 from minima.early_stop import EarlyStopping
 from minima.files import tree_bytes, write_atomic
@@ -66,6 +57,7 @@ from minima.models import (
     output_head,
 )
 from minima.monitor import Monitor, device_memory_bytes, peak_flops, peak_memory_gb, setup_logging
+from minima.shards import IGNORE_INDEX, DataError, TokenShards
 
 # torch.distributed deprecations raised from inside DeepSpeed on every collective: not actionable here.
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)

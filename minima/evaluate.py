@@ -17,9 +17,10 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from minima.data import TokenShards, eval_batches
+from minima.data import eval_batches
 from minima.losses import kd_loss_from_hidden
 from minima.models import last_hidden, output_head
+from minima.shards import TokenShards
 
 
 @torch.no_grad()

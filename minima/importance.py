@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import PretrainedConfig
 
-from minima.data import IGNORE_INDEX, Batch, DataError, TokenShards
+from minima.data import Batch
 from minima.losses import kd_loss_from_hidden
 from minima.models import last_hidden, output_head
+from minima.shards import IGNORE_INDEX, DataError, TokenShards
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from minima.data import IGNORE_INDEX
 from minima.divergences import token_divergence
+from minima.shards import IGNORE_INDEX
 
 # Chunk size when none is given: one (chunk, V) fp32 tensor stays near this many bytes. Eager chunks keep about 5
 # such tensors alive with forward KL's closed form and about 10 through autograd (the other divergences); compiled

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from minima.data import DataError, write_shards
+from minima.shards import DataError, write_shards
 from minima.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece_from_texts
 
 _JSON_SUFFIXES = (".json", ".jsonl")

@@ -42,10 +42,10 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from minima.config import ModelConfig, load_ds_config
-from minima.data import TokenShards
 from minima.files import apply_umask
 from minima.importance import Importance, Shape, accumulate_importance, calibration_batches, normalised
 from minima.models import check_vocab, choose_attn_implementation, has_weights
+from minima.shards import TokenShards
 
 FAMILY = ("llama", "mistral", "qwen2")
 """Model types with LLaMA's module layout (q/k/v/o_proj, gate/up/down_proj, RMSNorms); qwen2 adds q/k/v biases."""

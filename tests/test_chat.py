@@ -24,7 +24,7 @@ from minima.chat import (
     render,
     set_chat_template,
 )
-from minima.data import IGNORE_INDEX
+from minima.shards import IGNORE_INDEX
 
 SYSTEM = "You are a helpful assistant for Python's standard library."
 EXCHANGES = [

@@ -19,17 +19,9 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from minima.chat import MINICHAT_TEMPLATE, conversation_from_record, render
 from minima.chat_data import pack_windows, prepare_chat
-from minima.data import (
-    FLAG_LABEL,
-    FLAG_START,
-    IGNORE_INDEX,
-    DataError,
-    TokenShards,
-    TokenWindowLoader,
-    count_windows,
-    eval_batches,
-)
+from minima.data import TokenWindowLoader, count_windows, eval_batches
 from minima.prepare import split_documents
+from minima.shards import FLAG_LABEL, FLAG_START, IGNORE_INDEX, DataError, TokenShards
 from tests.runs import REPO
 
 SEQ = 128

@@ -13,14 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from minima.data import (
-    IGNORE_INDEX,
-    DataError,
-    TokenShards,
-    TokenWindowLoader,
-    eval_batches,
-    write_shards,
-)
+from minima.data import TokenWindowLoader, eval_batches
+from minima.shards import IGNORE_INDEX, DataError, TokenShards, write_shards
 
 VOCAB = 60_000
 EOS = 0
@@ -247,7 +241,7 @@ def test_bad_index_format(split: Path) -> None:
 
 def test_missing_shard(split: Path) -> None:
     (split / "shard_00002.bin").unlink()
-    with pytest.raises(DataError, match=r"shard_00002\.bin listed in .* is missing"):
+    with pytest.raises(DataError, match=r"shard_00002\.bin, listed in .*, is missing"):
         TokenShards.open(split, verify_checksums=False)
 
 
@@ -258,14 +252,19 @@ def test_truncated_shard(split: Path) -> None:
         TokenShards.open(split, verify_checksums=False)
 
 
-def test_modified_shard_fails_its_checksum_on_the_rank_that_verifies_it(split: Path) -> None:
-    shard = split / "shard_00001.bin"
+def test_modified_shard_fails_its_checksum_on_the_rank_that_verifies_it(tmp_path: Path) -> None:
+    write_stream(tmp_path, 40_000, 10_000)  # shards of 20000 bytes: the sample digest covers 8192 of them
+    shard = tmp_path / "shard_00001.bin"
     data = bytearray(shard.read_bytes())
-    data[10] ^= 0xFF
+    data[10_000] ^= 0xFF  # in the middle, outside the sampled first and last 4 KiB
     shard.write_bytes(bytes(data))
-    TokenShards.open(split)  # by default only sizes are checked at open: the shards were hashed when prepared
+    TokenShards.open(tmp_path)  # by default only sizes and samples are checked: the shards were hashed when prepared
     with pytest.raises(DataError, match=r"shard_00001\.bin does not match the sha256"):
-        TokenShards.open(split, verify_checksums=True)
+        TokenShards.open(tmp_path, verify_checksums=True)
     with pytest.raises(DataError, match=r"shard_00001\.bin does not match the sha256"):
-        TokenShards.open(split, verify_checksums=True, rank=1, world_size=2)  # rank 1 of 2 verifies shards 1 and 3
-    TokenShards.open(split, verify_checksums=True, rank=0, world_size=2)  # rank 0 verifies shards 0 and 2 only
+        TokenShards.open(tmp_path, verify_checksums=True, rank=1, world_size=2)  # rank 1 of 2 verifies shards 1, 3
+    TokenShards.open(tmp_path, verify_checksums=True, rank=0, world_size=2)  # rank 0 verifies shards 0 and 2 only
+    data[5] ^= 0xFF  # inside the sampled head: a cheap check at every open finds it
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"shard_00001\.bin is not the file .* lists"):
+        TokenShards.open(tmp_path)

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from minima.config import ConfigError, load_config
-from minima.data import DataError
 from minima.dist import World
 from minima.files import current_umask
+from minima.shards import DataError
 from tests.runs import BIN, REPO, SEQ, STUDENT_ARCH, TEACHER_ARCH, launch, subprocess_env
 
 TB_TAGS = {
@@ -345,7 +345,7 @@ def test_gpu_smoke_bf16(tiny_prepared_data, tmp_path):
 
 
 def test_held_out_split_shorter_than_a_window_is_refused(tiny_prepared_data, tmp_path):
-    from minima.data import TokenShards
+    from minima.shards import TokenShards
 
     valid_tokens = TokenShards.open(tiny_prepared_data / "valid").num_tokens
     assert valid_tokens + 1 < 16384  # the training shards still hold a window of this length

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from minima import losses
-from minima.data import IGNORE_INDEX
 from minima.divergences import DIVERGENCES, token_divergence
 from minima.losses import kd_loss_from_hidden, kd_loss_from_logits
+from minima.shards import IGNORE_INDEX
 
 TEMPERATURES = (0.5, 1.0, 2.0)
 BETA, ALPHA = 0.3, 0.2

@@ -18,8 +18,9 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import models, pre_tokenizers
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
-from minima.data import DataError, TokenShards, TokenWindowLoader, eval_batches
+from minima.data import TokenWindowLoader, eval_batches
 from minima.prepare import prepare_data, split_documents
+from minima.shards import DataError, TokenShards
 from minima.tokenizer import load_tokenizer, train_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, Qwen2Config
 
-from minima.data import IGNORE_INDEX, DataError, TokenShards, TokenWindowLoader, eval_batches
+from minima.data import TokenWindowLoader, eval_batches
 from minima.importance import Shape, accumulate_importance, calibration_batches
 from minima.prune import PruneError, prune_to_student, select_layers
+from minima.shards import IGNORE_INDEX, DataError, TokenShards
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

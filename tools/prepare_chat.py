@@ -19,7 +19,7 @@ import sys
 
 from minima.chat import TEMPLATES
 from minima.chat_data import prepare_chat
-from minima.data import DataError
+from minima.shards import DataError
 
 
 def main(argv: list[str] | None = None) -> int:

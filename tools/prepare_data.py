@@ -17,8 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from minima.data import DataError
 from minima.prepare import prepare_data, train_tokenizer
+from minima.shards import DataError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 
 from minima.config import ConfigError
-from minima.data import DataError
 from minima.importance import Shape
 from minima.prune import PruneError, prune_to_student
+from minima.shards import DataError
 
 SIZES = (("layers", "num_hidden_layers"), ("hidden", "hidden_size"), ("heads", "num_attention_heads"))
 SIZES += (("kv_heads", "num_key_value_heads"), ("ffn", "intermediate_size"))

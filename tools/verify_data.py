@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from minima.data import INDEX_FILE, DataError, TokenShards, file_sha256
+from minima.shards import INDEX_FILE, DataError, TokenShards, file_sha256
 
 
 def splits_of(path: Path) -> list[Path]:

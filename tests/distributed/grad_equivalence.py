@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from minima.config import KDConfig
-from minima.data import IGNORE_INDEX, Batch
+from minima.data import Batch
 from minima.dist import all_reduce_sum, init_world, shutdown
+from minima.shards import IGNORE_INDEX
 
 MICRO, SEQ, VOCAB = 2, 12, 40  # tokenizer length 40; the teacher head is padded to 48
 LR = 1000.0
