@@ -7,6 +7,7 @@ tell where it was cut: contiguous values = one slice of one shard.
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from minima.data import TokenWindowLoader, eval_batches
+from minima.order import permute, window_key
 from minima.shards import IGNORE_INDEX, DataError, TokenShards, write_shards
 
 VOCAB = 60_000
@@ -69,66 +71,51 @@ def test_rewrite_removes_stale_shards(tmp_path: Path) -> None:
 
 
 def test_windows_are_next_token_pairs_within_one_shard(split: Path) -> None:
-    loader = TokenWindowLoader(split, seq_len=7, micro_batch_size=3)
-    assert loader.windows_per_epoch == 140 and loader.batches_per_epoch == 46
+    loader = TokenWindowLoader(split, seq_len=7, micro_batch_size=7)
+    assert loader.windows_per_epoch == 140
     seen = []
-    for _ in range(loader.batches_per_epoch):
+    for _ in range(20):  # one epoch: 140 windows
         batch = next(loader)
         assert batch.input_ids.dtype == torch.int64 and batch.labels.dtype == torch.int64
-        assert batch.input_ids.shape == batch.labels.shape == (3, 7)
+        assert batch.input_ids.shape == batch.labels.shape == (7, 7) and batch.position_ids is None
         assert torch.equal(batch.labels[:, :-1], batch.input_ids[:, 1:])
         window = torch.cat([batch.input_ids, batch.labels[:, -1:]], dim=1)  # the 8 tokens read
-        assert torch.equal(window - window[:, :1], torch.arange(8).expand(3, 8))  # contiguous in the stream
+        assert torch.equal(window - window[:, :1], torch.arange(8).expand(7, 8))  # contiguous in the stream
         start = window[:, 0]
         assert torch.all(start // 300 == window[:, -1] // 300)  # never crosses a shard boundary
         assert torch.all((start % 300) % 7 == 0)  # stride seq_len from the shard's start
         seen += start.tolist()
-    assert loader.epoch == 0
-    all_starts = {shard * 300 + 7 * k for shard, n in enumerate([42, 42, 42, 14]) for k in range(n)}
-    assert len(set(seen)) == len(seen) == 138 and set(seen) <= all_starts  # 140 windows, tail of 2 dropped
-    next(loader)
     assert loader.epoch == 1
+    all_starts = {shard * 300 + 7 * k for shard, n in enumerate([42, 42, 42, 14]) for k in range(n)}
+    assert len(seen) == 140 and set(seen) == all_starts  # every window once
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_rank_slices_partition_each_global_micro_step(split: Path, world_size: int) -> None:
-    micro = 2
-    reference = TokenWindowLoader(split, seq_len=7, micro_batch_size=micro * world_size)
+def window_number(first_tokens: list[int]) -> list[int]:
+    """The window of the split fixture that starts with each token (42 windows per 300-token shard)."""
+    return [(s // 300) * 42 + (s % 300) // 7 for s in first_tokens]
+
+
+@pytest.mark.parametrize(("world_size", "micro"), [(2, 2), (3, 4), (1, 7)])
+def test_the_global_sequence_is_each_epochs_permutation_end_to_end(split: Path, world_size: int, micro: int) -> None:
+    # 140 windows; steps of 4, 12 or 7 slots: epochs end inside a step, and nothing is dropped or repeated
     ranks = [
         TokenWindowLoader(split, seq_len=7, micro_batch_size=micro, rank=r, world_size=world_size)
         for r in range(world_size)
     ]
-    assert len({r.batches_per_epoch for r in ranks}) == 1
-    order = np.random.default_rng([0, 0]).permutation(140)
-    for step in range(2 * reference.batches_per_epoch + 3):  # over two epoch boundaries
+    expected = np.concatenate([permute(np.arange(140), 140, window_key(0, "", epoch)) for epoch in range(3)])
+    got = []
+    for _ in range(3 * 140 // (micro * world_size)):
         parts = [next(r).input_ids for r in ranks]
-        starts = torch.cat(parts)[:, 0].tolist()
-        assert len(set(starts)) == micro * world_size  # disjoint across ranks
-        assert torch.equal(torch.cat(parts), next(reference).input_ids)  # union = the global micro-step, in order
-        if step < reference.batches_per_epoch:
-            expected = order[step * micro * world_size : (step + 1) * micro * world_size]
-            got = [(s // 300) * 42 + (s % 300) // 7 for s in starts]  # window number from its first token
-            assert got == expected.tolist()
-    assert len({r.epoch for r in ranks}) == 1
-
-
-def test_every_rank_yields_the_same_number_of_batches_per_epoch(split: Path) -> None:
-    # 140 windows, 3 ranks x 4 = 12 per global step -> 11 steps, 8 windows dropped
-    ranks = [TokenWindowLoader(split, seq_len=7, micro_batch_size=4, rank=r, world_size=3) for r in range(3)]
-    for r in ranks:
-        epochs = [r.epoch]
-        for _ in range(11):
-            next(r)
-            epochs.append(r.epoch)
-        assert epochs == [0] * 12
-        next(r)
-        assert r.epoch == 1
+        assert len(set(torch.cat(parts)[:, 0].tolist())) == micro * world_size  # disjoint across ranks
+        got += window_number(torch.cat(parts)[:, 0].tolist())  # the union is the global micro-step, in order
+    assert got == expected[: len(got)].tolist()
+    assert all(sorted(expected[e * 140 : (e + 1) * 140]) == list(range(140)) for e in range(3))  # permutations
 
 
 def test_order_is_a_function_of_seed_and_epoch(split: Path) -> None:
     def epoch_orders(seed: int) -> list[torch.Tensor]:
         loader = TokenWindowLoader(split, seq_len=7, micro_batch_size=10, seed=seed)
-        return [torch.cat(take(loader, loader.batches_per_epoch))[:, 0] for _ in range(2)]
+        return [torch.cat(take(loader, 14))[:, 0] for _ in range(2)]
 
     a0, a1 = epoch_orders(0)
     b0, b1 = epoch_orders(0)
@@ -138,14 +125,32 @@ def test_order_is_a_function_of_seed_and_epoch(split: Path) -> None:
     assert not torch.equal(a0, c0)  # another seed, another order
 
 
-@pytest.mark.parametrize("k", [0, 5, 46, 47, 60])  # 46 batches per epoch: resume at, and after, the boundary
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 17, 64, 65, 1000, 4099])
+def test_permute_is_a_permutation_for_every_size(n: int) -> None:
+    for epoch in range(3):
+        assert sorted(permute(np.arange(n), n, window_key(7, "web", epoch)).tolist()) == list(range(n))
+    if n > 16:
+        assert not np.array_equal(permute(np.arange(n), n, window_key(7, "web", 0)), np.arange(n))
+
+
+def test_permute_deep_in_a_huge_epoch_costs_memory_of_the_request_only() -> None:
+    n = 10**13  # windows: far beyond any corpus; nothing of size n may be allocated
+    tracemalloc.start()
+    ids = permute(np.arange(10**12, 10**12 + 4096), n, window_key(0, "", 9))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert ids.min() >= 0 and ids.max() < n and len(set(ids.tolist())) == 4096
+    assert peak < 2 * 2**20
+
+
+@pytest.mark.parametrize("k", [0, 5, 19, 20, 21, 46, 47, 60])  # 140 windows: epochs end inside steps 46 and 93
 def test_resume_yields_exactly_the_uninterrupted_batches(split: Path, k: int) -> None:
     uninterrupted = TokenWindowLoader(split, seq_len=7, micro_batch_size=3, seed=5)
     expected = take(uninterrupted, k + 60)[k:]
     first = TokenWindowLoader(split, seq_len=7, micro_batch_size=3, seed=5)
     take(first, k)
     state = json.loads(json.dumps(first.state_dict()))  # survives a JSON round trip
-    assert set(state) >= {"epoch", "position", "seed", "seq_len", "fingerprint"}
+    assert set(state) >= {"position", "seed", "seq_len", "fingerprint"} and state["position"] == 3 * k
     resumed = TokenWindowLoader(split, seq_len=7, micro_batch_size=3, seed=5)
     resumed.load_state_dict(state)
     got = take(resumed, 60)
@@ -168,6 +173,42 @@ def test_resume_with_another_world_size_continues_the_global_position(split: Pat
         r.load_state_dict(state)
     for _ in range(30):  # crosses the epoch boundary (35 global steps of 4)
         assert torch.equal(torch.cat([next(r).input_ids for r in after]), next(reference).input_ids)
+
+
+@pytest.mark.parametrize(("position", "layouts"), [(37, [(3, 1), (1, 5)]), (139, [(2, 3)]), (281, [(5, 2), (1, 1)])])
+def test_resume_at_any_slot_on_other_layouts_consumes_exactly_the_remaining_sequence(
+    split: Path, position: int, layouts: list[tuple[int, int]]
+) -> None:
+    # A position that is not a multiple of the new step (e.g. a run on 1 rank x 1 resumed on 3 ranks)
+    expected = np.concatenate([permute(np.arange(140), 140, window_key(0, "", e)) for e in range(4)])
+    for world_size, micro in layouts:
+        ranks = [TokenWindowLoader(split, seq_len=7, micro_batch_size=micro, rank=r, world_size=world_size)
+                 for r in range(world_size)]  # fmt: skip
+        state = {**ranks[0].state_dict(), "position": position}
+        got = []
+        for r in ranks:
+            r.load_state_dict(state)
+        for _ in range(5):
+            got += window_number(torch.cat([next(r).input_ids for r in ranks])[:, 0].tolist())
+        assert got == expected[position : position + len(got)].tolist()
+
+
+def test_prefetching_changes_nothing_but_the_waiting(split: Path) -> None:
+    plain = TokenWindowLoader(split, seq_len=7, micro_batch_size=3, seed=2)
+    ahead = TokenWindowLoader(split, seq_len=7, micro_batch_size=3, seed=2, prefetch=3)
+    for _ in range(60):
+        assert torch.equal(next(plain).input_ids, next(ahead).input_ids)
+        assert plain.state_dict() == ahead.state_dict()  # the state counts what was consumed, not prefetched
+    ahead.load_state_dict({**plain.state_dict(), "position": 9})  # a resume restarts the thread where asked
+    plain.load_state_dict({**plain.state_dict(), "position": 9})
+    assert all(torch.equal(next(plain).labels, next(ahead).labels) for _ in range(10))
+    ahead.close()
+
+
+def test_an_earlier_loader_state_is_refused_with_what_to_do(split: Path) -> None:
+    state = {"epoch": 0, "position": 12, "seed": 0, "seq_len": 7, "fingerprint": "x"}
+    with pytest.raises(DataError, match=r"earlier minima.*run\.resume=never"):
+        TokenWindowLoader(split, seq_len=7, micro_batch_size=2).load_state_dict(state)
 
 
 def test_fingerprint_mismatch_names_what_changed(tmp_path: Path, split: Path) -> None:
@@ -216,9 +257,9 @@ def test_eval_batches_cover_each_window_once(split: Path, world_size: int, micro
     assert starts == [s * 300 + 7 * k for s, n in enumerate([42, 42, 42, 14]) for k in range(n)][:num_windows]
 
 
-def test_too_little_data_for_one_global_micro_step(split: Path) -> None:
-    with pytest.raises(DataError, match="140 windows"):
-        TokenWindowLoader(split, seq_len=7, micro_batch_size=50, world_size=3)
+def test_a_split_without_one_window_is_refused(split: Path) -> None:
+    with pytest.raises(DataError, match=r"no window of 302 tokens"):
+        TokenWindowLoader(split, seq_len=301, micro_batch_size=1)
 
 
 # Bad input: each case raises DataError naming the offending file.
