@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -77,10 +78,34 @@ class DataConfig:
     """Seed of the window order; the order of epoch e is a function of (seed, e)."""
     verify_checksums: bool = False
     """Also check every shard's sha256 at start (split across ranks). Shards are hashed once, when prepared; at start
-    only their sizes are checked against the index unless this is set (tools/verify_data.py checks a directory)."""
+    only sizes and first and last bytes are checked unless this is set (tools/verify_data.py checks a directory)."""
+    sources: dict[str, float] | None = None
+    """A mixture: source name -> weight (e.g. {pile: 0.6, github: 0.1, wudao: 0.3}), each source prepared into
+    data.dir/NAME by tools/prepare_data.py --source NAME; weights are normalised and hold over every span of steps.
+    None = the one source in data.dir/train and data.dir/valid."""
+    documents: Literal["auto", "off", "bos", "isolated"] = "auto"
+    """Document-aware windows: bos = every window starts with BOS (where the tokenizer's family prepends one);
+    isolated = also restart positions and attention at each document; off = windows as stored; auto = bos where the
+    documents were prepared with BOS, else off. Chat data is always read as packed conversations."""
+    prefetch: int = 2
+    """Micro-batches prepared ahead by a background thread while the step runs (0 = read when asked for)."""
 
     def __post_init__(self) -> None:
         _positive("data.seq_len", self.seq_len)
+        if self.prefetch < 0:
+            raise ConfigError(f"data.prefetch must be >= 0, got {self.prefetch}")
+        if self.sources is not None:
+            if not self.sources:
+                raise ConfigError("data.sources is empty: list source: weight pairs, or null for data.dir/train")
+            for name, weight in self.sources.items():
+                reserved = name in ("train", "valid", "tokenizer")
+                if reserved or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", str(name)):
+                    raise ConfigError(
+                        f"data.sources has a source named {name!r}: use the name given to tools/prepare_data.py"
+                        " --source (letters, digits, '_', '-'; not train, valid or tokenizer)"
+                    )
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+                    raise ConfigError(f"data.sources.{name} must be a positive weight, got {weight!r}")
 
 
 @dataclass(frozen=True)
@@ -240,6 +265,11 @@ class Config:
     """Length, batch, logging, evaluation and checkpoints."""
 
     def __post_init__(self) -> None:
+        if self.run.epochs is not None and self.data.sources is not None and len(self.data.sources) > 1:
+            raise ConfigError(
+                "run.epochs counts passes over one source; with a mixture of data.sources give run.total_tokens"
+                " (each source then starts a new epoch whenever it runs out)"
+            )
         if 0 < self.run.eval_tokens < self.data.seq_len:
             raise ConfigError(
                 f"run.eval_tokens={self.run.eval_tokens} is less than one window of data.seq_len={self.data.seq_len}"

@@ -143,6 +143,10 @@ class Windows:
     def batch(self, window_ids: np.ndarray, rows: int | None = None) -> Batch:
         """The windows ``window_ids`` as a batch of ``rows`` rows (default ``len(window_ids)``); rows past them
         are padding: EOS inputs and ``IGNORE_INDEX`` labels, which add nothing to any loss."""
+        return _batch(*self.read(window_ids, rows))
+
+    def read(self, window_ids: np.ndarray, rows: int | None = None) -> _Arrays:
+        """``batch``'s (input_ids, labels, position_ids or None) as numpy arrays."""
         T, shards = self.seq_len, self.shards
         rows = len(window_ids) if rows is None else rows
         tokens = np.full((rows, T + 1), shards.eos_id, dtype=np.int64)
@@ -158,11 +162,11 @@ class Windows:
                 doc_starts = shards.doc_starts[shard]
                 lo, hi = np.searchsorted(doc_starts, [start, start + T + 1])
                 starts[row, doc_starts[lo:hi].astype(np.int64) - start] = True
-        batch = self._to_batch(tokens, flags, starts)
-        batch.labels[len(window_ids) :] = IGNORE_INDEX
-        return batch
+        input_ids, labels, positions = self._arrays(tokens, flags, starts)
+        labels[len(window_ids) :] = IGNORE_INDEX
+        return input_ids, labels, positions
 
-    def _to_batch(self, windows: np.ndarray, flags: np.ndarray | None, starts: np.ndarray | None) -> Batch:
+    def _arrays(self, windows: np.ndarray, flags: np.ndarray | None, starts: np.ndarray | None) -> _Arrays:
         # Copies, always: with one row, ascontiguousarray would return overlapping views of ``windows``, and masking
         # the labels of a padding row would write IGNORE_INDEX into its inputs.
         input_ids, labels = windows[:, :-1].copy(), windows[:, 1:].copy()
@@ -171,23 +175,47 @@ class Windows:
             labels[(flags[:, :-1] & FLAG_LABEL) == 0] = IGNORE_INDEX
             return self._with_positions(input_ids, labels, (flags[:, :-1] & FLAG_START) != 0)
         if starts is None:
-            return Batch(torch.from_numpy(input_ids), torch.from_numpy(labels))
+            return input_ids, labels, None
         if self.shards.bos_per_document:
             mid_document = ~starts[:, 0]
             input_ids[mid_document, 0] = self.shards.bos_id
             labels[mid_document, 0] = IGNORE_INDEX
         if self.mode == "bos":
-            return Batch(torch.from_numpy(input_ids), torch.from_numpy(labels))
+            return input_ids, labels, None
         labels[starts[:, 1:]] = IGNORE_INDEX  # the next document's first token: not visible from this one
         return self._with_positions(input_ids, labels, starts[:, :T])
 
     @staticmethod
-    def _with_positions(input_ids: np.ndarray, labels: np.ndarray, starts: np.ndarray) -> Batch:
+    def _with_positions(input_ids: np.ndarray, labels: np.ndarray, starts: np.ndarray) -> _Arrays:
         positions = np.arange(input_ids.shape[1])
         starts = starts.copy()
         starts[:, 0] = True  # a window always begins a sequence
         last_start = np.maximum.accumulate(np.where(starts, positions, 0), axis=1)
-        return Batch(torch.from_numpy(input_ids), torch.from_numpy(labels), torch.from_numpy(positions - last_start))
+        return input_ids, labels, positions - last_start
+
+
+_Arrays = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
+"""A batch as numpy arrays: (input_ids, labels, position_ids or None)."""
+
+
+def _batch(input_ids: np.ndarray, labels: np.ndarray, positions: np.ndarray | None) -> Batch:
+    return Batch(*(None if a is None else torch.from_numpy(a) for a in (input_ids, labels, positions)))
+
+
+def _merge(parts: list[tuple[np.ndarray, _Arrays]], rows: int) -> Batch:
+    """One batch of ``rows`` rows from ``(row indices, arrays)`` parts; rows no part fills are padding (their inputs
+    those of the first row, their labels ``IGNORE_INDEX``)."""
+    first = parts[0][1]
+    input_ids = np.repeat(first[0][:1], rows, axis=0)
+    labels = np.full((rows, first[1].shape[1]), IGNORE_INDEX, dtype=np.int64)
+    positions = None
+    if any(arrays[2] is not None for _, arrays in parts):
+        positions = np.repeat(np.arange(first[1].shape[1])[None], rows, axis=0)
+    for where, (ids, labs, pos) in parts:
+        input_ids[where], labels[where] = ids, labs
+        if pos is not None:
+            positions[where] = pos
+    return _batch(input_ids, labels, positions)
 
 
 def count_windows(shards: TokenShards, seq_len: int) -> int:
@@ -292,20 +320,18 @@ class TokenWindowLoader:
         slots = position + self.rank * self.micro_batch_size + np.arange(self.micro_batch_size)
         source, ordinal = self.mixture.assign(slots)
         if len(self.sources) == 1:
-            return self._read(0, ordinal)
-        used = np.unique(source).tolist()
-        batch = _concat([self._read(s, ordinal[source == s]) for s in used], self.micro_batch_size)
-        order = np.argsort(np.concatenate([np.flatnonzero(source == s) for s in used]), kind="stable")
-        return Batch(*(None if t is None else t[order] for t in (batch.input_ids, batch.labels, batch.position_ids)))
+            return _batch(*self._read(0, ordinal))
+        return _merge([(source == s, self._read(s, ordinal[source == s])) for s in np.unique(source).tolist()],
+                      self.micro_batch_size)  # fmt: skip
 
-    def _read(self, s: int, ordinals: np.ndarray) -> Batch:
+    def _read(self, s: int, ordinals: np.ndarray) -> _Arrays:
         n = self.windows[s].count
         epochs, within = np.divmod(ordinals, n)
         ids = np.empty_like(ordinals)
         for epoch in np.unique(epochs).tolist():  # a micro-batch may straddle an epoch's end
             here = epochs == epoch
             ids[here] = permute(within[here], n, window_key(self.seed, self.sources[s].name, epoch))
-        return self.windows[s].batch(ids)
+        return self.windows[s].read(ids)
 
     def __iter__(self) -> TokenWindowLoader:
         return self
@@ -466,20 +492,8 @@ def eval_batches(
             if len(used) == 1:
                 yield readers[used[0]].batch(ids - starts[used[0]], rows=micro_batch_size)
             else:
-                yield _concat([readers[i].batch(ids[which == i] - starts[i]) for i in used], micro_batch_size)
+                rows = np.arange(micro_batch_size)
+                parts = [(rows[: len(ids)][which == i], readers[i].read(ids[which == i] - starts[i])) for i in used]
+                yield _merge(parts, micro_batch_size)
 
     return generate()
-
-
-def _concat(parts: list[Batch], rows: int) -> Batch:
-    """One batch of ``rows`` rows: the rows of ``parts`` in order, then padding rows whose labels are ignored."""
-    pad, seq_len = rows - sum(len(p.labels) for p in parts), parts[0].labels.shape[1]
-    input_ids = torch.cat([p.input_ids for p in parts] + [parts[0].input_ids[:1].expand(pad, -1)])
-    labels = torch.cat([p.labels for p in parts] + [torch.full((pad, seq_len), IGNORE_INDEX)])
-    positions = None
-    if any(p.position_ids is not None for p in parts):
-        default = torch.arange(seq_len).expand(rows, -1)
-        positions = torch.cat(
-            [default[: len(p.labels)] if p.position_ids is None else p.position_ids for p in parts] + [default[:pad]]
-        )
-    return Batch(input_ids, labels, positions)

@@ -33,6 +33,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ from minima.arch import ArchError, arch_from_hf_config
 from minima.card import model_card
 from minima.checkpoint import load_checkpoint, plan_resume, resume_ds_config, save_checkpoint
 from minima.config import Config, ConfigError, KDConfig, derive, load_config, load_ds_config, recipe_names
-from minima.data import Batch, TokenWindowLoader, check_packing, count_windows, eval_batches
+from minima.data import Batch, Source, TokenWindowLoader, check_packing, count_windows, eval_batches
 from minima.dist import World, all_reduce_max, all_reduce_sum, init_world, shutdown
 from minima.early_stop import EarlyStopping
 from minima.files import tree_bytes, write_atomic
@@ -106,17 +107,20 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
         (out_dir / "stopped.json").unlink(missing_ok=True)  # a previous stop's record; this run writes its own
 
     # Everything that can be wrong with the input is checked here, before any model is built.
-    train_shards, valid_shards, student_hf, teacher_hf = _open_inputs(cfg, world)
-    derived = derive(cfg, world.world_size, count_windows(train_shards, cfg.data.seq_len))
-    tokenizer_dir, vocab_len = Path(cfg.data.dir) / "tokenizer", train_shards.vocab_size
+    sources, valid_splits, student_hf, teacher_hf = _open_inputs(cfg, world)
     loader = TokenWindowLoader(
-        train_shards,
+        sources,
         seq_len=cfg.data.seq_len,
         micro_batch_size=cfg.run.micro_batch_size,
         rank=world.rank,
         world_size=world.world_size,
         seed=cfg.data.seed,
+        documents=cfg.data.documents,
+        prefetch=cfg.data.prefetch,
+        pin_memory=world.device.type == "cuda",
     )
+    derived = derive(cfg, world.world_size, loader.windows_per_epoch)
+    tokenizer_dir, vocab_len = Path(cfg.data.dir) / "tokenizer", sources[0].shards.vocab_size
     bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and world.device.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
     attn = choose_attn_implementation(cfg.run.attn_implementation, world.device)
@@ -192,7 +196,7 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
     flops_per_token = 6 * n_student + 2 * n_teacher  # forward+backward of the student, forward of the teacher
     log.info(f"student {n_student / 1e6:.2f}M params (without input embedding), teacher {n_teacher / 1e6:.2f}M")
     # The chunked loss computes logits as hidden @ head^T: check that this is what each model does, on a few tokens.
-    probe = next(eval_batches(valid_shards, seq_len=cfg.data.seq_len, micro_batch_size=1, max_windows=1))
+    probe = next(eval_batches(valid_splits[0], seq_len=cfg.data.seq_len, micro_batch_size=1, max_windows=1))
     for name, engine in (("student", student), ("teacher", teacher)):
         if engine is not None:
             check_head_path(name, engine, probe.input_ids[:, :32].to(world.device), ds.gathered)
@@ -215,7 +219,7 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
     eval_windows = cfg.run.eval_tokens // cfg.data.seq_len or None
 
     def evaluate(model) -> tuple[float, float]:
-        loss = held_out_loss(model, valid_shards, cfg, world, eval_windows)
+        loss = held_out_loss(model, valid_splits, cfg, world, eval_windows)
         return loss, math.exp(min(loss, 700.0))  # perplexity = exp(loss in nats)
 
     if teacher is not None and teacher_val_loss is None:
@@ -228,7 +232,7 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
     val_loss = val_ppl = None
     export_dir, dtype_name = out_dir / "export", str(dtype).removeprefix("torch.")
     about = {"student_params": n_student, "teacher_params": n_teacher, "export_dir": str(export_dir)}
-    about |= {"tensorboard_dir": str(monitor.tensorboard_dir), "data": train_shards.index.get("chat")}
+    about |= {"tensorboard_dir": str(monitor.tensorboard_dir), "data": sources[0].shards.index.get("chat")}
     about |= {"teacher_val_loss": teacher_val_loss}
     while step < derived.total_steps and not early.stopped:
         micro_batches = [next(loader) for _ in range(derived.grad_accum_steps)]
@@ -245,7 +249,7 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
             total = all_reduce_sum(window, world.device).cpu()
             dt = time.perf_counter() - t_window
             tokens_per_s = steps_in_window * derived.tokens_per_step / dt
-            scalars = _train_scalars(total, student, teacher is not None, tokens_seen, tokens_per_s, world)
+            scalars = _train_scalars(total, student, teacher is not None, tokens_seen, tokens_per_s, world, loader)
             if peak is not None:
                 scalars["perf/mfu"] = flops_per_token * tokens_per_s / (world.world_size * peak)
             monitor.scalars(step, scalars, show=("train/loss", "perf/tokens_per_s"))
@@ -290,8 +294,11 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
     return metrics
 
 
-def _train_scalars(total: torch.Tensor, student, kd: bool, tokens_seen: int, tokens_per_s: float, world: World) -> dict:
-    """The logged training scalars from the window's summed (loss, ce, kd, top1 agreement, valid tokens)."""
+def _train_scalars(
+    total: torch.Tensor, student, kd: bool, tokens_seen: int, tokens_per_s: float, world: World, loader
+) -> dict:
+    """The logged training scalars from the window's summed (loss, ce, kd, top1 agreement, valid tokens), and the
+    tokens consumed per source of a mixture."""
     n = total[4].item()
     scalars = {
         "train/loss": total[0].item() / n,
@@ -304,6 +311,9 @@ def _train_scalars(total: torch.Tensor, student, kd: bool, tokens_seen: int, tok
     }
     if kd:
         scalars |= {"train/kd_loss": total[2].item() / n, "train/top1_agreement": total[3].item() / n}
+    if len(loader.sources) > 1:
+        for name, consumed in loader.consumed().items():
+            scalars |= {f"data/{name}/tokens": consumed["tokens"], f"data/{name}/epoch": consumed["epoch"]}
     return scalars
 
 
@@ -347,29 +357,47 @@ def _export(ds, student, cfg: Config, out_dir: Path, tokenizer_dir: Path, metric
         log.info(f"exported the fp32 master weights to {fp32_dir}")
 
 
-def _open_inputs(cfg: Config, world: World):
-    """(train shards, valid shards, student config, teacher config or None): the data opened and checked (sizes, or
-    checksums when asked), a held-out window guaranteed, and both models' configs checked against its tokenizer."""
+def _open_inputs(cfg: Config, world: World) -> tuple[list[Source], list[TokenShards], Any, Any]:
+    """(training sources, their held-out splits, student config, teacher config or None): the data opened and checked
+    (sizes and sample digests, or full checksums with data.verify_checksums) and the models' configs resolved."""
     data_dir = Path(cfg.data.dir)
     verify = {"verify_checksums": cfg.data.verify_checksums, "rank": world.rank, "world_size": world.world_size}
-    train_shards = TokenShards.open(data_dir / "train", **verify)
-    valid_shards = TokenShards.open(data_dir / "valid", **verify)
-    for shards in (train_shards, valid_shards):
+    names = cfg.data.sources or {"": 1.0}
+    sources, valid_splits = [], []
+    for name, weight in names.items():
+        split_dir = data_dir / name
+        if name and not split_dir.is_dir():
+            found = sorted(p.parent.name for p in data_dir.glob("*/train/index.json"))
+            raise DataError(
+                f"data.sources names {name!r}, but {split_dir} does not exist (sources in {data_dir}: {found}); prepare"
+                f" it with tools/prepare_data.py --source {name} --out {data_dir}, or fix data.sources"
+            )
+        sources.append(Source(name, TokenShards.open(split_dir / "train", **verify), weight))
+        valid_splits.append(TokenShards.open(split_dir / "valid", **verify))
+    first = sources[0].shards
+    for shards in [s.shards for s in sources] + valid_splits:
         check_packing(shards, cfg.data.seq_len)  # conversations are packed for one window length
-    if count_windows(valid_shards, cfg.data.seq_len) == 0:
-        raise DataError(
-            f"{valid_shards.path} holds {valid_shards.num_tokens} tokens, less than one window of data.seq_len + 1 ="
-            f" {cfg.data.seq_len + 1}: prepare with a larger --valid-fraction or lower data.seq_len"
-        )
-    tokenizer_dir, vocab_len = data_dir / "tokenizer", train_shards.vocab_size
-    arch_defaults = {"vocab_size": vocab_len, "bos_token_id": train_shards.bos_id, "eos_token_id": train_shards.eos_id}
+        if shards.tokenizer.get("sha256") != first.tokenizer.get("sha256") or shards.vocab_size != first.vocab_size:
+            raise DataError(
+                f"{shards.path} was tokenized with {shards.tokenizer.get('source')} ({shards.vocab_size} ids), "
+                f"{first.path} with {first.tokenizer.get('source')} ({first.vocab_size} ids): every source of a run "
+                "needs the same tokenizer; prepare them again with one --tokenizer"
+            )
+    for shards in valid_splits:
+        if count_windows(shards, cfg.data.seq_len) == 0:
+            raise DataError(
+                f"{shards.path} holds {shards.num_tokens} tokens, less than one window of data.seq_len + 1 ="
+                f" {cfg.data.seq_len + 1}: prepare with a larger --valid-fraction or lower data.seq_len"
+            )
+    tokenizer_dir, vocab_len = data_dir / "tokenizer", first.vocab_size
+    arch_defaults = {"vocab_size": vocab_len, "bos_token_id": first.bos_id, "eos_token_id": first.eos_id}
     student_hf = hf_config(cfg.student, "student", arch_defaults)
     check_vocab("student", cfg.student, student_hf, tokenizer_dir, vocab_len)
     teacher_hf = None
     if cfg.teacher is not None:
         teacher_hf = hf_config(cfg.teacher, "teacher", arch_defaults)
         check_vocab("teacher", cfg.teacher, teacher_hf, tokenizer_dir, vocab_len)
-    return train_shards, valid_shards, student_hf, teacher_hf
+    return sources, valid_splits, student_hf, teacher_hf
 
 
 def _memory_plan(
@@ -459,18 +487,22 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def held_out_loss(model, shards: TokenShards, cfg: Config, world: World, max_windows: int | None) -> float:
-    """Mean next-token cross-entropy (nats) over held-out windows, summed over all ranks before dividing."""
+def held_out_loss(model, splits: list[TokenShards], cfg: Config, world: World, max_windows: int | None) -> float:
+    """Mean next-token cross-entropy (nats) over held-out windows, summed over all ranks before dividing. With a
+    mixture, ``max_windows`` is shared among the sources' held-out splits by their weights."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=world.device)
+    weights = list((cfg.data.sources or {"": 1.0}).values())
+    limits = [None if max_windows is None else max(1, round(max_windows * w / sum(weights))) for w in weights]
     batches = eval_batches(
-        shards,
+        splits,
         seq_len=cfg.data.seq_len,
         micro_batch_size=cfg.run.micro_batch_size,
         rank=world.rank,
         world_size=world.world_size,
-        max_windows=max_windows,
+        max_windows=limits,
+        documents=cfg.data.documents,
     )
     from minima.engine import gathered
 

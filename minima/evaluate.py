@@ -32,13 +32,17 @@ def evaluate_model(
     batch_size: int = 8,
     max_windows: int | None = None,
     device: str = "cpu",
+    documents: str = "auto",
 ) -> dict[str, float]:
     """Mean next-token cross-entropy (nats) and perplexity of ``model_dir`` on ``<data_dir>/valid`` (for chat data:
-    on the labelled assistant tokens only, each conversation attended alone)."""
+    on the labelled assistant tokens only, each conversation attended alone), windows read in the ``documents`` mode of
+    training (``minima.data``)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     shards = TokenShards.open(Path(data_dir) / "valid")
     ce_sum, num_tokens = 0.0, 0
-    batches = eval_batches(shards, seq_len=seq_len, micro_batch_size=batch_size, max_windows=max_windows)
+    batches = eval_batches(
+        shards, seq_len=seq_len, micro_batch_size=batch_size, max_windows=max_windows, documents=documents
+    )
     for mb in tqdm(batches, desc=f"eval {model_dir}", unit="batch", leave=False, file=sys.stderr, disable=None):
         positions = None if mb.position_ids is None else mb.position_ids.to(device)  # packed conversations
         hidden = last_hidden(model, mb.input_ids.to(device), positions)  # no (B, T, V) logits: chunked loss
@@ -52,10 +56,16 @@ def evaluate_model(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minima.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help="Hugging Face model directories")
-    parser.add_argument("--data", required=True, help="prepared data directory (its valid/ split is used)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="prepared data directory, or one source of a mixture (DIR/NAME); its valid/ split is used",
+    )
     parser.add_argument("--seq-len", type=int, required=True, help="tokens per window, as in training")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-windows", type=int, default=None, help="first N held-out windows (default: all)")
+    parser.add_argument("--documents", default="auto", choices=["auto", "off", "bos", "isolated"],
+                        help="document-aware windows, as data.documents in training (default auto)")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     results = {
@@ -66,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             max_windows=args.max_windows,
             device=args.device,
+            documents=args.documents,
         )
         for m in args.models
     }

@@ -14,6 +14,7 @@ position:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 
@@ -32,6 +33,7 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+@functools.lru_cache(maxsize=64)
 def window_key(seed: int, source: str, epoch: int) -> np.ndarray:
     """(4,) uint64 round keys of the permutation of ``source``'s windows in ``epoch`` under ``seed``.
 
@@ -84,15 +86,12 @@ class Mixture:
             raise ValueError(f"mixture weights below 1/{PERIOD} cannot be kept: {list(weights)}")
         self.weights = w
         self.quotas = quotas
-        # Smooth weighted round-robin over one period: each slot goes to the source furthest behind its share.
-        labels = np.zeros(PERIOD, dtype=np.int64)
-        current = [0] * len(quotas)
-        q = quotas.tolist()
-        for slot in range(PERIOD if len(q) > 1 else 0):  # one source: every slot is its own
-            current = [c + d for c, d in zip(current, q, strict=True)]
-            s = current.index(max(current))
-            current[s] -= PERIOD
-            labels[slot] = s
+        # Each source's k-th slot of the period ideally falls at (k + 1/2) * PERIOD / quota: the slots are the
+        # sources' ideal times merged in order (ties to the lower source), which keeps every span within a couple
+        # of windows of the weights.
+        source = np.repeat(np.arange(len(quotas)), quotas)
+        k = np.arange(PERIOD) - np.repeat(np.cumsum(quotas) - quotas, quotas)
+        labels = source[np.lexsort((source, (k + 0.5) / quotas[source]))]
         self._labels = labels
         self._prefix = np.zeros((PERIOD + 1, len(quotas)), dtype=np.int64)  # slots of each source before slot j
         np.cumsum(np.eye(len(quotas), dtype=np.int64)[labels], axis=0, out=self._prefix[1:])
