@@ -367,7 +367,7 @@ def _open_inputs(cfg: Config, world: World) -> tuple[list[Source], list[TokenSha
     for name, weight in names.items():
         split_dir = data_dir / name
         if name and not split_dir.is_dir():
-            found = sorted(p.parent.name for p in data_dir.glob("*/train/index.json"))
+            found = sorted(p.parent.parent.name for p in data_dir.glob("*/train/index.json"))
             raise DataError(
                 f"data.sources names {name!r}, but {split_dir} does not exist (sources in {data_dir}: {found}); prepare"
                 f" it with tools/prepare_data.py --source {name} --out {data_dir}, or fix data.sources"

@@ -196,18 +196,29 @@ def test_gradients_equal_single_process_full_batch(grad_models, student_json, ac
     assert result["per_micro_batch_mean_rel_err"] > 1e-2, "the batches are too uniform to catch mis-normalisation"
 
 
-def test_single_process_run_without_launcher(tiny_prepared_data, tmp_path):
+def test_single_process_run_without_launcher_on_a_mixture(tiny_prepared_data, tmp_path):
     """`python -m minima.distill` makes a world of one by itself; teacher=null is plain LM training; activation
-    checkpointing recomputes the layers under the chunked loss."""
+    checkpointing recomputes the layers under the chunked loss; two sources mixed 3:1 with isolated documents, and the
+    tokens of each logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = tmp_path / "mix"
+    shutil.copytree(tiny_prepared_data / "tokenizer", data / "tokenizer")
+    for name in ("web", "code"):
+        for split in ("train", "valid"):
+            shutil.copytree(tiny_prepared_data / split, data / name / split)
     out = tmp_path / "single"
     args = [
-        f"data.dir={tiny_prepared_data}",
+        f"data.dir={data}",
+        "data.sources={web: 3, code: 1}",
+        "data.documents=isolated",
         f"data.seq_len={SEQ}",
         f"student.arch={STUDENT_ARCH}",
         "teacher=null",
         "run.micro_batch_size=2",
-        f"run.tokens_per_step={2 * SEQ}",
+        f"run.tokens_per_step={4 * SEQ}",
         "run.max_steps=2",
+        "run.log_every=1",
         f"run.eval_tokens={8 * SEQ}",
         "run.activation_checkpointing=true",
         f"run.out_dir={out}",
@@ -215,6 +226,11 @@ def test_single_process_run_without_launcher(tiny_prepared_data, tmp_path):
     launch(args, launcher="python")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 2 and metrics["teacher_val_loss"] is None and metrics["teacher_params"] == 0
+    scalars = EventAccumulator(str(out / "tensorboard")).Reload()
+    web, code = (scalars.Scalars(f"data/{name}/tokens")[-1].value for name in ("web", "code"))
+    assert web + code == 2 * 4 * SEQ and web == 3 * code  # 8 windows, 6 from web and 2 from code
+    with pytest.raises(DataError, match=r"'wiki'.*sources in .*\['code', 'web'\].*--source wiki"):
+        train_in_process([f"data.dir={data}", "data.sources={web: 1, wiki: 1}", f"run.out_dir={tmp_path / 'bad'}"])
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -259,26 +275,29 @@ def corrupted_data(tiny_prepared_data, tmp_path) -> Path:
     return copy
 
 
+def shard_file(split: Path, i: int) -> Path:
+    return split / json.loads((split / "index.json").read_text())["shards"][i]["file"]
+
+
 def test_missing_shard_is_a_clear_error(corrupted_data, tmp_path):
-    (corrupted_data / "train" / "shard_00001.bin").unlink()
-    with pytest.raises(DataError, match=r"shard .*shard_00001.bin.* is missing"):
+    shard = shard_file(corrupted_data / "train", 1)
+    shard.unlink()
+    with pytest.raises(DataError, match=rf"{shard.name}, listed in .* is missing"):
         train_in_process([f"data.dir={corrupted_data}", f"run.out_dir={tmp_path / 'run'}"])
 
 
 def test_checksum_mismatch_is_a_clear_error(corrupted_data, tmp_path):
-    shard = corrupted_data / "train" / "shard_00000.bin"
+    shard = shard_file(corrupted_data / "train", 0)
     data = bytearray(shard.read_bytes())
-    data[10] ^= 0xFF
+    assert len(data) > 3 * 4096
+    data[len(data) // 2] ^= 0xFF  # outside the first and last 4 KiB that every start compares
     shard.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=r"shard_00000.bin does not match the sha256"):
+    with pytest.raises(DataError, match=rf"{shard.name} does not match the sha256"):
         train_in_process([f"data.dir={corrupted_data}", "data.verify_checksums=true", f"run.out_dir={tmp_path / 'r'}"])
-    # Shards are hashed once, when prepared: a start reads only their sizes, and the verify tool names the bad one.
-    verify = [sys.executable, str(REPO / "tools" / "verify_data.py"), str(corrupted_data)]
-    proc = subprocess.run(verify, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "train/shard_00000.bin: sha256 differs" in proc.stdout, proc.stderr
-    assert "valid" in proc.stderr  # both splits were checked
-    ok = subprocess.run([*verify[:2], str(corrupted_data / "valid")], capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0 and "all shards match" in ok.stderr
+    data[1] ^= 0xFF  # inside them: found at every start, without data.verify_checksums
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"{shard.name} is not the file .* lists"):
+        train_in_process([f"data.dir={corrupted_data}", f"run.out_dir={tmp_path / 'r2'}"])
 
 
 def test_teacher_vocab_smaller_than_tokenizer_is_refused(tiny_prepared_data, tmp_path):
