@@ -306,6 +306,21 @@ class Tokenizer:
         """The ``tokenizer`` entry of a prepared split's index: kind, source, sha256, vocab_size."""
         return {"kind": self.kind, "source": self.source, "sha256": self.sha256, "vocab_size": self.vocab_size}
 
+    @property
+    def adds_bos(self) -> bool:
+        """Whether this tokenizer's family starts a sequence with BOS, so that prepared documents get one.
+
+        Hugging Face tokenizers: whether encoding "a" with ``add_special_tokens=True`` starts with ``bos_token_id``
+        (Llama's do; GPT-2's and minima's converted ones, which have no post-processor, do not). Sentencepiece
+        ``.model`` tokenizers (minima's own, LLaMA-style): whether the model has a BOS piece.
+        """
+        if self.bos_id is None:
+            return False
+        if self.kind == "sentencepiece":
+            return True
+        ids = self._hf("a", add_special_tokens=True, split_special_tokens=True)["input_ids"]
+        return bool(ids) and ids[0] == self.bos_id
+
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write Hugging Face tokenizer files to ``out_dir`` (``AutoTokenizer.from_pretrained`` loads them)."""
         out_dir = Path(out_dir)
