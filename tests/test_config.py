@@ -63,11 +63,22 @@ def test_overrides_apply_with_types():
         ("teacher.placement=ddp", r"'teacher.placement' must be one of \['auto', 'replicated', 'node', 'zero3'\]"),
         # fewer held-out tokens than one window would silently evaluate the whole split
         ("run.eval_tokens=100", r"run.eval_tokens=100 is less than one window of data.seq_len=256"),
+        ("data.sources={pile: 0}", r"data.sources.pile must be a positive weight"),
+        ("data.sources={train: 1}", r"source named 'train'.*--source"),
+        ("data.sources={a/b: 1}", r"source named 'a/b'"),
+        ("data.sources={}", r"data.sources is empty"),
+        ("data.documents=always", r"'data.documents' must be one of \['auto', 'off', 'bos', 'isolated'\]"),
+        ("data.prefetch=-1", r"data.prefetch must be >= 0"),
     ],
 )
 def test_bad_input_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny_cpu", [override])
+
+
+def test_epochs_of_a_mixture_are_refused_with_what_to_give():
+    with pytest.raises(ConfigError, match=r"run.epochs counts passes over one source.*run.total_tokens"):
+        load_config("tiny_cpu", ["run.epochs=2", "data.sources={a: 1, b: 2}"])
 
 
 def test_unknown_recipe_lists_choices():
