@@ -88,7 +88,8 @@ class DataConfig:
     isolated = also restart positions and attention at each document; off = windows as stored; auto = bos where the
     documents were prepared with BOS, else off. Chat data is always read as packed conversations."""
     prefetch: int = 2
-    """Micro-batches prepared ahead by a background thread while the step runs (0 = read when asked for)."""
+    """Optimizer steps of micro-batches prepared ahead by a background thread while the step runs (0 = each micro-batch
+    is read when the step asks for it)."""
 
     def __post_init__(self) -> None:
         _positive("data.seq_len", self.seq_len)

@@ -108,6 +108,7 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
 
     # Everything that can be wrong with the input is checked here, before any model is built.
     sources, valid_splits, student_hf, teacher_hf = _open_inputs(cfg, world)
+    derived = derive(cfg, world.world_size, sum(count_windows(s.shards, cfg.data.seq_len) for s in sources))
     loader = TokenWindowLoader(
         sources,
         seq_len=cfg.data.seq_len,
@@ -116,10 +117,9 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
         world_size=world.world_size,
         seed=cfg.data.seed,
         documents=cfg.data.documents,
-        prefetch=cfg.data.prefetch,
+        prefetch=cfg.data.prefetch * derived.grad_accum_steps,  # whole steps: the step takes its micro-batches at once
         pin_memory=world.device.type == "cuda",
     )
-    derived = derive(cfg, world.world_size, loader.windows_per_epoch)
     tokenizer_dir, vocab_len = Path(cfg.data.dir) / "tokenizer", sources[0].shards.vocab_size
     bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and world.device.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32

@@ -1,10 +1,11 @@
 """Check prepared token shards against their index: ``python tools/verify_data.py DIR [DIR ...]``.
 
-DIR is a prepared directory (its ``train/`` and ``valid/`` splits are checked) or one split (a directory with
-``index.json``). Every shard's size and sha256 are compared with what ``tools/prepare_data.py`` recorded when it wrote
-them. Training checks only sizes at start (reading every byte of a 500 GB corpus on each rank would cost minutes
-before the first step); run this after copying data to a cluster, or set ``data.verify_checksums=true``.
-Exits 1 and lists every shard that differs; 0 when all match.
+DIR is a prepared directory (its ``train/`` and ``valid/`` splits are checked, and those of every source ``DIR/NAME``
+of a mixture) or one split (a directory with ``index.json``). Every file's size and sha256 (each shard and its
+document-start and flag files) are compared with what ``tools/prepare_data.py`` recorded when it wrote them. Training
+checks only sizes and the first and last 4 KiB at start (reading every byte of a 500 GB corpus on each rank would cost
+minutes before the first step); run this after copying data to a cluster, or set ``data.verify_checksums=true``.
+Exits 1 and lists every file that differs; 0 when all match.
 """
 
 from __future__ import annotations
@@ -15,32 +16,38 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from minima.shards import INDEX_FILE, DataError, TokenShards, file_sha256
+from minima.shards import INDEX_FILE, DataError, TokenShards, companion, file_sha256
 
 
 def splits_of(path: Path) -> list[Path]:
-    """The splits to check under ``path``: itself if it holds an index, else its train/ and valid/."""
+    """The splits under ``path``: itself if it holds an index, else its (and its sources') train/ and valid/."""
     if (path / INDEX_FILE).is_file():
         return [path]
-    found = [path / name for name in ("train", "valid") if (path / name / INDEX_FILE).is_file()]
+    found = sorted(index.parent for pattern in ("*/index.json", "*/*/index.json") for index in path.glob(pattern))
+    found = [split for split in found if split.name in ("train", "valid")]
     if not found:
         raise DataError(f"{path} holds neither {INDEX_FILE} nor train/ or valid/ splits; give a prepared directory")
     return found
 
 
 def verify(path: Path) -> list[str]:
-    """Problems found in the splits under ``path`` (empty when every shard matches its index)."""
+    """Problems found in the splits under ``path`` (empty when every file matches its index)."""
     problems = []
     for split in splits_of(path):
-        shards = TokenShards.open(split)  # the index parses, every shard exists with its recorded size
+        shards = TokenShards.open(split)  # the index parses, every file exists with its recorded size and samples
         entries = shards.index["shards"]
-        total = sum(e["num_tokens"] for e in entries) * shards.dtype.itemsize
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"sha256 {split}", file=sys.stderr) as bar:
-            for entry in entries:
-                if file_sha256(split / entry["file"]) != entry["sha256"]:
-                    problems.append(f"{split / entry['file']}: sha256 differs from {split / INDEX_FILE}")
-                bar.update(entry["num_tokens"] * shards.dtype.itemsize)
-        print(f"{split}: {len(entries)} shards, {shards.num_tokens} tokens checked", file=sys.stderr)
+        kinds = [k for k, present in (("docs", shards.doc_starts), ("flags", shards.flags)) if present is not None]
+        files = [(split / e["file"], e["sha256"]) for e in entries]
+        files += [(split / companion(e["file"], k), e[f"{k}_sha256"]) for e in entries for k in kinds]
+        with tqdm(total=sum(f.stat().st_size for f, _ in files), unit="B", unit_scale=True, desc=f"sha256 {split}",
+                  file=sys.stderr) as bar:  # fmt: skip
+            for file, expected in files:
+                if file_sha256(file) != expected:
+                    problems.append(f"{file}: sha256 differs from {split / INDEX_FILE}")
+                bar.update(file.stat().st_size)
+        print(
+            f"{split}: {len(entries)} shards ({len(files)} files), {shards.num_tokens} tokens checked", file=sys.stderr
+        )
     return problems
 
 
