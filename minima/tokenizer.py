@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
-from tokenizers import AddedToken, decoders, models, normalizers
+from tokenizers import AddedToken, decoders, models, normalizers, processors
 from tokenizers import Tokenizer as RustTokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -202,6 +202,12 @@ def sentencepiece_to_hf(model_file: str | Path) -> PreTrainedTokenizerFast:
     def piece_or_none(index: int) -> str | None:
         return pieces[index][0] if 0 <= index < len(pieces) else None
 
+    bos = piece_or_none(spec.bos_id)
+    if bos is not None:  # LLaMA's convention: a sequence starts with BOS when special tokens are added
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, spec.bos_id)]
+        )
+
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token=piece_or_none(spec.unk_id),
@@ -311,7 +317,7 @@ class Tokenizer:
         """Whether this tokenizer's family starts a sequence with BOS, so that prepared documents get one.
 
         Hugging Face tokenizers: whether encoding "a" with ``add_special_tokens=True`` starts with ``bos_token_id``
-        (Llama's do; GPT-2's and minima's converted ones, which have no post-processor, do not). Sentencepiece
+        (Llama's and minima's converted ones do; GPT-2's and Qwen's do not). Sentencepiece
         ``.model`` tokenizers (minima's own, LLaMA-style): whether the model has a BOS piece.
         """
         if self.bos_id is None:

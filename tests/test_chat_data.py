@@ -387,7 +387,7 @@ def test_loader_resumes_mid_epoch_on_chat_shards(prepared) -> None:
         return TokenWindowLoader(out / "train", seq_len=SEQ, micro_batch_size=2, seed=5)
 
     reference = loader()
-    steps = reference.batches_per_epoch + 3  # across an epoch boundary
+    steps = reference.windows_per_epoch // 2 + 3  # across an epoch boundary
     expected = [next(reference) for _ in range(steps)]
     first = loader()
     for _ in range(4):

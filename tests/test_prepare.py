@@ -20,7 +20,7 @@ import pytest
 import sentencepiece as spm
 import zstandard
 from tokenizers import Tokenizer as RustTokenizer
-from tokenizers import models, pre_tokenizers, processors
+from tokenizers import models, pre_tokenizers
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
 from minima.data import TokenWindowLoader, eval_batches
@@ -53,8 +53,9 @@ def test_hf_tokenizer_matches_sentencepiece(tiny_tokenizer_dir: Path, stdlib_dir
     assert (hf.unk_token_id, hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (0, 1, 2, 3)
     texts = [(stdlib_dir / name).read_text(encoding="utf-8") for name in HELD_OUT_MODULES] + list(EDGE_CASES)
     expected = sp.encode(texts)
-    # the plain AutoTokenizer call: no BOS/EOS is added, ids equal sentencepiece's
-    assert hf(texts)["input_ids"] == expected
+    # without special tokens the ids equal sentencepiece's; the plain call puts BOS first, as LLaMA's tokenizer does
+    assert hf(texts, add_special_tokens=False)["input_ids"] == expected
+    assert hf(texts)["input_ids"] == [[1, *ids] for ids in expected]
     assert [hf.decode(ids) for ids in expected] == [sp.decode(ids) for ids in expected] == texts
     # the same through minima's wrapper, for both kinds
     for source in (tiny_tokenizer_dir, tiny_tokenizer_dir / "tokenizer.model"):
@@ -71,7 +72,9 @@ def test_special_token_strings_in_text_are_text(tiny_tokenizer_dir: Path) -> Non
     sp = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer_dir / "tokenizer.model"))
     assert 2 not in sp.encode(text)
     hf = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    assert hf(text)["input_ids"] == sp.encode(text)  # the saved config sets split_special_tokens
+    assert hf(text, add_special_tokens=False)["input_ids"] == sp.encode(
+        text
+    )  # the saved config sets split_special_tokens
     assert 2 in hf(text, split_special_tokens=False)["input_ids"]  # the opt-in mapping to the special id
     assert load_tokenizer(tiny_tokenizer_dir).encode_batch([text]) == [sp.encode(text)]
 
@@ -82,7 +85,7 @@ def test_tokenizer_in_a_model_directory_keeps_its_behaviour(tiny_tokenizer_dir: 
     LlamaConfig(vocab_size=1024).save_pretrained(tmp_path)
     text = "import os\n\nclass A:\n    pass\n"
     expected = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer_dir / "tokenizer.model")).encode(text)
-    assert AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"] == expected
+    assert AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"] == [1, *expected]  # BOS first, as LLaMA's
 
 
 def test_train_sentencepiece_is_deterministic(stdlib_files: list[Path], tmp_path: Path) -> None:
@@ -188,10 +191,10 @@ def test_prepare_end_to_end(corpus: dict, tiny_tokenizer_dir: Path, tmp_path: Pa
     for name, docs in (("train", train), ("valid", valid)):
         shards = TokenShards.open(out / name, verify_checksums=True)
         assert shards.index["num_documents"] == summary[name]["documents"] == len(docs)
-        assert shards.num_tokens == summary[name]["tokens"] == sum(len(d) + 1 for d in docs)
+        assert shards.num_tokens == summary[name]["tokens"] == sum(len(d) + 1 for d in docs)  # BOS in d, EOS
         assert shards.dtype == np.dtype("<u2") and shards.eos_id == 2 and shards.bos_id == 1
         assert shards.vocab_size == 1024 and shards.tokenizer["source"] == str(tiny_tokenizer_dir)
-        assert not shards.bos_per_document and shards.index["num_units"] == 3
+        assert shards.bos_per_document and shards.index["num_units"] == 3
         assert (
             shards.index["num_bytes"]
             == summary[name]["bytes"]
@@ -325,13 +328,11 @@ def test_bos_per_document_where_the_tokenizer_adds_it(tiny_tokenizer_dir: Path, 
                                                        tmp_path: Path, datasets_cache: Path) -> None:  # fmt: skip
     model = tiny_tokenizer_dir / "tokenizer.model"
     assert load_tokenizer(model).adds_bos  # sentencepiece, LLaMA-style
-    assert not load_tokenizer(tiny_tokenizer_dir).adds_bos  # its Hugging Face form adds no special tokens
-    llama_like = sentencepiece_to_hf(model)
-    llama_like.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", 1)]
-    )
-    llama_like.save_pretrained(tmp_path / "llama_like")
-    assert load_tokenizer(tmp_path / "llama_like").adds_bos
+    assert load_tokenizer(tiny_tokenizer_dir).adds_bos  # its Hugging Face form puts BOS first too, as LLaMA's
+    gpt2_like = sentencepiece_to_hf(model)
+    gpt2_like.backend_tokenizer.post_processor = None  # a family that starts sequences without BOS
+    gpt2_like.save_pretrained(tmp_path / "gpt2_like")
+    assert not load_tokenizer(tmp_path / "gpt2_like").adds_bos
 
     summary = prepare_data(stdlib_files[:6], model, tmp_path / "out", valid_fraction=0.3, shard_tokens=3000)
     assert summary["tokenizer"]["adds_bos"]
@@ -460,6 +461,8 @@ def test_loaders_read_prepared_data(tiny_prepared_data: Path, stdlib_files: list
             if 2 not in row:  # a window inside one document decodes to a piece of it
                 assert tok.decode(row.tolist()) in corpus
     valid = TokenShards.open(tiny_prepared_data / "valid")
-    batches = list(eval_batches(valid, seq_len=64, micro_batch_size=4))
+    batches = list(eval_batches(valid, seq_len=64, micro_batch_size=4, documents="off"))
     windows = sum((len(shard) - 1) // 64 for shard in valid.shards)
     assert sum(int((b.labels[:, 0] != -100).sum()) for b in batches) == windows > 0
+    bos = list(eval_batches(valid, seq_len=64, micro_batch_size=4))  # auto: every window starts with BOS
+    assert all(bool((b.input_ids[b.labels[:, -1] != -100, 0] == 1).all()) for b in bos)
