@@ -300,6 +300,20 @@ def test_checksum_mismatch_is_a_clear_error(corrupted_data, tmp_path):
         train_in_process([f"data.dir={corrupted_data}", f"run.out_dir={tmp_path / 'r2'}"])
 
 
+def test_sources_prepared_with_different_tokenizers_are_refused(tiny_prepared_data, tmp_path):
+    data = tmp_path / "mix"
+    shutil.copytree(tiny_prepared_data / "tokenizer", data / "tokenizer")
+    for name in ("web", "code"):
+        for split in ("train", "valid"):
+            shutil.copytree(tiny_prepared_data / split, data / name / split)
+    index_file = data / "code" / "train" / "index.json"
+    index = json.loads(index_file.read_text())
+    index["tokenizer"] = {**index["tokenizer"], "sha256": "f" * 64, "source": "/models/other"}
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(DataError, match=r"code/train was tokenized with /models/other.*same tokenizer"):
+        train_in_process([f"data.dir={data}", "data.sources={web: 1, code: 1}", f"run.out_dir={tmp_path / 'r'}"])
+
+
 def test_teacher_vocab_smaller_than_tokenizer_is_refused(tiny_prepared_data, tmp_path):
     arch = "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 4,"
     arch += " vocab_size: 1000}"

@@ -89,6 +89,21 @@ def loader_rate(sources, seq_len: int, micro: int, seconds: float, **kwargs) -> 
     return {"tokens_per_s": round(batches * micro * seq_len / elapsed), "batches": batches}
 
 
+def step_wait(sources, seq_len: int, micro: int, accum: int, step_s: float, steps: int, prefetch: int) -> dict:
+    """The time a training step waits for its ``accum`` micro-batches when each step then computes for ``step_s``
+    (a sleep: the GPU's share of a step, which leaves the CPU to the loader's thread)."""
+    loader = TokenWindowLoader(sources, seq_len=seq_len, micro_batch_size=micro, seed=7, prefetch=prefetch * accum)
+    waits = []
+    for _ in range(steps + 1):
+        started = time.perf_counter()
+        _ = [next(loader) for _ in range(accum)]
+        waits.append(time.perf_counter() - started)
+        time.sleep(step_s)
+    loader.close()
+    waits = waits[1:]  # the first step waits for the thread's start
+    return {"mean_wait_ms": round(1e3 * sum(waits) / len(waits), 3), "max_wait_ms": round(1e3 * max(waits), 3)}
+
+
 def bench_loader(root: Path, num_tokens: int, seq_len: int, micro: int, seconds: float) -> dict:
     one = synthetic_split(root / "one", num_tokens, seed=1)
     mix = [Source(name, synthetic_split(root / name, num_tokens // 3, seed=i + 2), w)
@@ -107,6 +122,11 @@ def bench_loader(root: Path, num_tokens: int, seq_len: int, micro: int, seconds:
     ]:
         results[name] = loader_rate(sources, seq_len, micro, seconds, **kwargs)
         print(f"loader  {name:48s} {results[name]['tokens_per_s'] / 1e6:8.1f} M tokens/s per rank", file=sys.stderr)
+    for prefetch in (0, 2):  # a step of 8 micro-batches computing 50 ms (a 3B student's step is seconds)
+        r = step_wait(mix, seq_len, micro, accum=8, step_s=0.05, steps=20, prefetch=prefetch)
+        results[f"step wait, mixture of 3, prefetch={prefetch} steps"] = r
+        print(f"loader  the step waits {r['mean_wait_ms']:.2f} ms (max {r['max_wait_ms']:.2f}) for its 8 micro-batches"
+              f" with data.prefetch={prefetch}", file=sys.stderr)  # fmt: skip
     return results
 
 
