@@ -237,7 +237,8 @@ def minichat(out: Path, student_dir: Path, args, log) -> dict:
         recipe="tiny_chat",
     )
     after = evaluate_model(sft["export_dir"], chat_dir, seq_len=SEQ_LEN)
-    chat_args = [sft["export_dir"], "--prompt", CHAT_QUESTION, "--max-new-tokens", "48", "--repetition-penalty", "1.5"]
+    chat_args = [sft["export_dir"], "--prompt", CHAT_QUESTION, "--max-new-tokens", "48"]
+    chat_args += ["--repetition-penalty", "1.5", "--no-repeat-ngram-size", "2"]  # a tiny model loops without them
     reply = run_tool("chat.py", chat_args, log).strip()
     return {
         "conversations": {split: prepared[split]["conversations"] for split in ("train", "valid")},

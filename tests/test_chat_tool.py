@@ -156,6 +156,19 @@ def test_prompt_mode_is_deterministic_when_greedy_or_seeded(tool, model_dir: Pat
     assert run_main(tool, sampled, capsys, monkeypatch) == run_main(tool, sampled, capsys, monkeypatch)
 
 
+def test_no_repeat_ngram_size_keeps_a_greedy_reply_free_of_repeated_tokens(tool, model_dir: Path) -> None:
+    model, tokenizer = tool.load(str(model_dir), torch.device("cpu"), torch.float32)
+    args = tool.parse_args([str(model_dir), "--max-new-tokens", "40", "--no-repeat-ngram-size", "1"])
+    config = tool.generation_config(model, tokenizer, args)
+    assert config.no_repeat_ngram_size == 1
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True
+    )
+    prompt = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    new = model.generate(prompt, generation_config=config)[0, prompt.shape[1] :].tolist()
+    assert len(new) == len(set(new))  # no token twice (nor any already in the prompt)
+
+
 def test_interactive_reset_and_exit(tool, model_dir: Path, capsys, monkeypatch) -> None:
     argv = [str(model_dir), "--show-prompt", "--max-new-tokens", "4", "--system", "S"]
     status, out, err = run_main(tool, argv, capsys, monkeypatch, stdin="hello\n/reset\nagain\n/exit\nnever\n", tty=True)

@@ -203,6 +203,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the K likeliest tokens (default 0: off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="default 1.0: none")
+    parser.add_argument(
+        "--no-repeat-ngram-size", type=int, default=0, metavar="N", help="never repeat an N-gram (default 0: off)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="seeds sampling (default: unseeded)")
     parser.add_argument("--show-prompt", action="store_true", help="print each rendered prompt to stderr")
     args = parser.parse_args(argv)
@@ -212,6 +215,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
         (args.top_k >= 0, "--top-k must be >= 0"),
         (args.repetition_penalty > 0, "--repetition-penalty must be > 0"),
+        (args.no_repeat_ngram_size >= 0, "--no-repeat-ngram-size must be >= 0"),
     ):
         if not ok:
             parser.error(what)
@@ -288,6 +292,7 @@ def generation_config(
     config.update(
         max_new_tokens=args.max_new_tokens,
         repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
         eos_token_id=eos_ids,
         pad_token_id=pad,
         **sampling,
