@@ -3,7 +3,7 @@
 # checkout, with minima's virtualenv active (the job inherits the submitting shell's environment):
 #
 #   sbatch slurm/distill_3b.sh teacher.path=/models/Llama-2-7b-hf student='{path: /ckpt/minima-3b-init}' \
-#       data.dir=/data/minima-pretrain run.out_dir=/ckpt/minima-3b
+#       data.dir=/data/minima-pretrain data.sources='{pile: 0.6, github: 0.1, wudao: 0.3}' run.out_dir=/ckpt/minima-3b
 #   sbatch --nodes=4 --time=48:00:00 --partition=gpu slurm/distill_3b.sh ...       # any header line, overridden
 #   LAUNCHER=torchrun sbatch slurm/distill_3b.sh ...                                # one torchrun per node
 #   DRY_RUN=1 SLURM_JOB_NODELIST='gpu[01-02]' SLURM_GPUS_ON_NODE=8 bash slurm/distill_3b.sh ...  # print only
