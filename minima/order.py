@@ -23,13 +23,13 @@ import numpy as np
 PERIOD = 2**16
 """Slots in one period of the mixture schedule; weights are kept to 1/PERIOD."""
 _ROUNDS = 4
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 step on a uint64 array (wrapping arithmetic): a bijection that scrambles every bit."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
 
 
@@ -58,7 +58,7 @@ def permute(i: np.ndarray, n: int, key: np.ndarray) -> np.ndarray:
     while todo.size:
         left, right = x[todo] >> shift, x[todo] & mask
         for k in key:
-            left, right = right, left ^ (_mix(right ^ k) & mask)
+            left, right = right, left ^ (splitmix64(right ^ k) & mask)
         y = (left << shift) | right
         inside = y < np.uint64(n)
         out[todo[inside]] = y[inside]

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from minima.order import splitmix64
 from minima.shards import DOC_DTYPE, INDEX_FILE, DataError, ShardWriter, companion, remove_split
 from minima.sources import Source, unit_texts, work_units
 from minima.tokenizer import Tokenizer
@@ -44,18 +45,10 @@ SPLITS = ("train", "valid")
 _UINT64 = np.uint64
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser on a uint64 array (wrapping arithmetic): a bijection that scrambles every bit."""
-    x = x + _UINT64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> _UINT64(30))) * _UINT64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> _UINT64(27))) * _UINT64(0x94D049BB133111EB)
-    return x ^ (x >> _UINT64(31))
-
-
 def document_draws(seed: int, unit: int, ordinals: np.ndarray) -> np.ndarray:
     """(n,) float64 in [0, 1): split draws of documents ``ordinals`` of work unit ``unit``, splitmix64 of the three."""
-    key = _splitmix64(_splitmix64(np.array([seed % 2**64], dtype=_UINT64)) ^ _UINT64(unit))
-    bits = _splitmix64(key ^ np.asarray(ordinals, dtype=_UINT64))
+    key = splitmix64(splitmix64(np.array([seed % 2**64], dtype=_UINT64)) ^ _UINT64(unit))
+    bits = splitmix64(key ^ np.asarray(ordinals, dtype=_UINT64))
     return (bits >> _UINT64(11)).astype(np.float64) * 2.0**-53  # the top 53 bits, exact in a float64
 
 
