@@ -25,9 +25,8 @@ PERIOD = 2**16
 _ROUNDS = 4
 
 
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 step on a uint64 array (wrapping arithmetic): a bijection that scrambles every bit."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (wrapping arithmetic): a bijection that scrambles every bit."""
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
@@ -58,7 +57,7 @@ def permute(i: np.ndarray, n: int, key: np.ndarray) -> np.ndarray:
     while todo.size:
         left, right = x[todo] >> shift, x[todo] & mask
         for k in key:
-            left, right = right, left ^ (splitmix64(right ^ k) & mask)
+            left, right = right, left ^ (mix64(right ^ k) & mask)
         y = (left << shift) | right
         inside = y < np.uint64(n)
         out[todo[inside]] = y[inside]

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from minima.order import splitmix64
+from minima.order import mix64
 from minima.shards import DOC_DTYPE, INDEX_FILE, DataError, ShardWriter, companion, remove_split
 from minima.sources import Source, unit_texts, work_units
 from minima.tokenizer import Tokenizer
@@ -45,10 +45,15 @@ SPLITS = ("train", "valid")
 _UINT64 = np.uint64
 
 
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """One splitmix64 step: the golden-ratio increment, then the finaliser."""
+    return mix64(x + _UINT64(0x9E3779B97F4A7C15))
+
+
 def document_draws(seed: int, unit: int, ordinals: np.ndarray) -> np.ndarray:
     """(n,) float64 in [0, 1): split draws of documents ``ordinals`` of work unit ``unit``, splitmix64 of the three."""
-    key = splitmix64(splitmix64(np.array([seed % 2**64], dtype=_UINT64)) ^ _UINT64(unit))
-    bits = splitmix64(key ^ np.asarray(ordinals, dtype=_UINT64))
+    key = _splitmix64(_splitmix64(np.array([seed % 2**64], dtype=_UINT64)) ^ _UINT64(unit))
+    bits = _splitmix64(key ^ np.asarray(ordinals, dtype=_UINT64))
     return (bits >> _UINT64(11)).astype(np.float64) * 2.0**-53  # the top 53 bits, exact in a float64
 
 
