@@ -50,8 +50,9 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from minima.chat import TEMPLATES, ChatFormatError, chat_template, conversation_from_record, render, set_chat_template
-from minima.prepare import builder_for, check_split_options, split_documents
+from minima.prepare import check_split_options, split_documents
 from minima.shards import FLAG_LABEL, FLAG_START, IGNORE_INDEX, DataError, write_shards
+from minima.sources import builder_for
 from minima.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)

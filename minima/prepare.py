@@ -49,7 +49,6 @@ from minima.prepare_units import (
 )
 from minima.shards import DOC_DTYPE, INDEX_FILE, DataError, companion, shard_dtype, write_index
 from minima.sources import RESERVED_NAMES, Source, unit_texts, work_units
-from minima.sources import builder_for as builder_for  # re-exported: minima.chat_data reads files alike
 from minima.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece_from_texts
 
 RUN_FORMAT = "minima-prepare-run/1"
