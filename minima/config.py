@@ -132,6 +132,9 @@ class OptimConfig:
     neftune_alpha: float = 0.0
     """NEFTune: uniform noise of scale alpha / sqrt(T * H) added to the student's input embeddings in training (T the
     window length, H the hidden size; MiniChat-1.5 used it for the chat stage); 0 = off."""
+    router_jitter: float = 0.0
+    """An MoE student's router jitter eps: in training, each gate's input is multiplied by noise uniform in
+    [1 - eps, 1 + eps] (MiniMoE, Switch); 0 = off. Ignored for a dense student."""
 
     def __post_init__(self) -> None:
         _positive("optim.lr", self.lr)
@@ -139,6 +142,7 @@ class OptimConfig:
         _in_range("optim.warmup_fraction", self.warmup_fraction, 0.0, 1.0)
         _in_range("optim.beta1", self.beta1, 0.0, 1.0, hi_open=True)
         _in_range("optim.beta2", self.beta2, 0.0, 1.0, hi_open=True)
+        _in_range("optim.router_jitter", self.router_jitter, 0.0, 1.0, hi_open=True)
         if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0 or self.neftune_alpha < 0:
             raise ConfigError(
                 "optim.weight_decay, optim.grad_clip and optim.neftune_alpha must be >= 0 and optim.eps > 0"
@@ -166,6 +170,9 @@ class KDConfig:
     chunk_tokens: int = 0
     """Tokens per chunk of the loss over the output heads (0 = automatic: a (chunk, vocab) fp32 tensor ~32 MiB, 128 MiB
     when compiled)."""
+    balance_weight: float = 0.01
+    """Weight of an MoE student's load-balancing loss (Switch's, per sequence, averaged over layers; each sequence
+    weighted by its valid tokens: minima.moe). Ignored for a dense student."""
 
     def __post_init__(self) -> None:
         if self.ce_weight < 0 or self.kd_weight < 0 or self.ce_weight + self.kd_weight == 0:
@@ -175,6 +182,8 @@ class KDConfig:
         _in_range("kd.alpha", self.alpha, 0.0, 1.0, hi_open=True)
         if self.chunk_tokens < 0:
             raise ConfigError(f"kd.chunk_tokens must be >= 0 (0 = automatic), got {self.chunk_tokens}")
+        if not 0 <= self.balance_weight < math.inf:
+            raise ConfigError(f"kd.balance_weight must be >= 0 (0 = no balancing loss), got {self.balance_weight}")
 
     def loss_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``minima.losses.kd_loss_from_hidden`` / ``kd_loss_from_logits``."""

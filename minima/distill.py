@@ -57,6 +57,7 @@ from minima.models import (
     hf_config,
     output_head,
 )
+from minima.moe import add_router_jitter, routing_scalars
 from minima.monitor import Monitor, device_memory_bytes, peak_flops, peak_memory_gb, setup_logging
 from minima.shards import IGNORE_INDEX, DataError, TokenShards
 
@@ -191,10 +192,10 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
     student_model = ds.load_model(cfg.student, student_hf, student_ds, **load)
     if cfg.optim.neftune_alpha > 0:
         add_neftune(student_model, cfg.optim.neftune_alpha)
+    if cfg.optim.router_jitter > 0:
+        add_router_jitter(student_model, cfg.optim.router_jitter)
     student = ds.init_student(student_model, cfg, derived, student_ds)
-    n_student, n_teacher = count_params(student.module), count_params(teacher.module) if teacher is not None else 0
-    flops_per_token = 6 * n_student + 2 * n_teacher  # forward+backward of the student, forward of the teacher
-    log.info(f"student {n_student / 1e6:.2f}M params (without input embedding), teacher {n_teacher / 1e6:.2f}M")
+    n_student, n_teacher, n_active, flops_per_token = _param_counts(student, teacher, log)
     # The chunked loss computes logits as hidden @ head^T: check that this is what each model does, on a few tokens.
     probe = next(eval_batches(valid_splits[0], seq_len=cfg.data.seq_len, micro_batch_size=1, max_windows=1))
     for name, engine in (("student", student), ("teacher", teacher)):
@@ -227,11 +228,12 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
         monitor.scalars(step, {"val/teacher_loss": teacher_val_loss, "val/teacher_ppl": teacher_ppl})
 
     peak = peak_flops(world.device)
-    window = torch.zeros(5, dtype=torch.float64)  # loss, ce, kd, top1 agreement, valid tokens since the last log
+    window = torch.zeros(6, dtype=torch.float64)  # loss, ce, kd, top1, valid tokens, balancing loss since the last log
     t_window, steps_in_window = time.perf_counter(), 0
     val_loss = val_ppl = None
     export_dir, dtype_name = out_dir / "export", str(dtype).removeprefix("torch.")
-    about = {"student_params": n_student, "teacher_params": n_teacher, "export_dir": str(export_dir)}
+    about = {"student_params": n_student, "student_active_params": n_active, "teacher_params": n_teacher}
+    about |= {"export_dir": str(export_dir)}
     about |= {"tensorboard_dir": str(monitor.tensorboard_dir), "data": sources[0].shards.index.get("chat")}
     about |= {"teacher_val_loss": teacher_val_loss}
     while step < derived.total_steps and not early.stopped:
@@ -294,11 +296,28 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
     return metrics
 
 
+def _param_counts(student, teacher, log) -> tuple[int, int, int, float]:
+    """Parameters of both models (without input embeddings), the student's active ones, and the step's FLOPs per
+    token, which follow the parameters a token goes through (an MoE model's active ones)."""
+    n = [count_params(m.module) if m is not None else 0 for m in (student, teacher)]
+    active = [count_params(m.module, active=True) if m is not None else 0 for m in (student, teacher)]
+    log.info(
+        f"student {n[0] / 1e6:.2f}M params (without input embedding; {active[0] / 1e6:.2f}M active per token),"
+        f" teacher {n[1] / 1e6:.2f}M ({active[1] / 1e6:.2f}M active)"
+    )
+    return (
+        n[0],
+        n[1],
+        active[0],
+        6 * active[0] + 2 * active[1],
+    )  # forward+backward of the student, forward of the teacher
+
+
 def _train_scalars(
     total: torch.Tensor, student, kd: bool, tokens_seen: int, tokens_per_s: float, world: World, loader
 ) -> dict:
-    """The logged training scalars from the window's summed (loss, ce, kd, top1 agreement, valid tokens), and the
-    tokens consumed per source of a mixture."""
+    """The logged training scalars from the window's summed (loss, ce, kd, top1 agreement, valid tokens, balancing
+    loss), an MoE student's routing statistics, and the tokens consumed per source of a mixture."""
     n = total[4].item()
     scalars = {
         "train/loss": total[0].item() / n,
@@ -311,6 +330,10 @@ def _train_scalars(
     }
     if kd:
         scalars |= {"train/kd_loss": total[2].item() / n, "train/top1_agreement": total[3].item() / n}
+    routing = student.module.pop_routing()  # an MoE student's expert loads and router entropy since the last log
+    if routing is not None:
+        scalars["train/balance_loss"] = total[5].item() / n
+        scalars |= routing_scalars(all_reduce_sum(routing, world.device).cpu(), student.module.top_k)
     if len(loader.sources) > 1:
         for name, consumed in loader.consumed().items():
             scalars |= {f"data/{name}/tokens": consumed["tokens"], f"data/{name}/epoch": consumed["epoch"]}
@@ -431,7 +454,8 @@ def _memory_plan(
 def train_step(
     student, teacher, micro_batches: list[Batch], kd: KDConfig, *, vocab_size: int, world: World, compiled: bool
 ) -> torch.Tensor:
-    """One optimizer step over this rank's micro-batches; returns (loss, ce, kd, top1 agreement, valid tokens) sums.
+    """One optimizer step over this rank's micro-batches; returns the sums of (loss, ce, kd, top1 agreement, valid
+    tokens, balancing loss).
 
     ``student`` is the DeepSpeed engine (it updates at the accumulation boundary, after the last micro-batch);
     ``teacher`` is the frozen inference engine or None. Both run ``minima.models.HiddenStates``.
@@ -447,7 +471,7 @@ def train_step(
     num_valid = float(all_reduce_sum([num_valid_local], world.device)[0])
     student_head = output_head(student)
     teacher_head = output_head(teacher) if teacher is not None else None
-    sums = torch.zeros(5, dtype=torch.float64, device=world.device)
+    sums = torch.zeros(6, dtype=torch.float64, device=world.device)
     for mb in micro_batches:
         input_ids = _to_device(mb.input_ids, world.device)
         positions = None if mb.position_ids is None else _to_device(mb.position_ids, world.device)  # packed chats
@@ -459,7 +483,8 @@ def train_step(
         # gradient, the head's included, flows back through the engine's outputs. The loss never holds more than
         # one chunk of logits; the backward runs inside the block so the head's gradient is reduced there.
         with gathered([student_head]):
-            student_hidden, head = student(input_ids, student_head, position_ids=positions)  # (B,T,H_s), (V_s,H_s)
+            # (B, T, H_s), (V_s, H_s), (B,): each sequence's balancing loss (an MoE student; 0 for a dense one)
+            student_hidden, head, balance = student(input_ids, student_head, position_ids=positions)
             with gathered([teacher_head]):
                 terms = kd_loss_from_hidden(
                     student_hidden,
@@ -472,9 +497,13 @@ def train_step(
                     chunk_tokens=kd.chunk_tokens or None,
                     compiled=compiled,
                 )
-            student.backward(terms.loss_sum * world.world_size / max(num_valid, 1.0), scale_wrt_gas=False)
+            # A sum like the others: each sequence's balancing loss weighted by its valid tokens (minima.moe).
+            seq_valid = _to_device((mb.labels != IGNORE_INDEX).sum(dim=1).float(), world.device)
+            balance_sum = (balance * seq_valid).sum()
+            loss_sum = terms.loss_sum + kd.balance_weight * balance_sum
+            student.backward(loss_sum * world.world_size / max(num_valid, 1.0), scale_wrt_gas=False)
         student.step()  # DeepSpeed updates only at the accumulation boundary
-        parts = (terms.loss_sum.detach(), terms.ce_sum, terms.kd_sum, terms.top1_agree, terms.num_tokens)
+        parts = (loss_sum.detach(), terms.ce_sum, terms.kd_sum, terms.top1_agree, terms.num_tokens, balance_sum)
         sums += torch.stack([p.double() for p in parts])
     return sums.cpu()  # one host sync per step
 

@@ -33,7 +33,8 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from minima.config import Config, ConfigError, Derived, ModelConfig
 from minima.files import apply_umask
-from minima.models import HiddenStates, build_model
+from minima.models import HiddenStates, build_model, has_weights
+from minima.moe import moe_blocks, unused_shared_experts
 from minima.optim import lr_lambda, param_groups
 
 STUDENT_STAGES = (1, 2, 3)
@@ -121,19 +122,27 @@ def load_model(
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed()
     if zero_stage(ds_config) != 3:
-        return build_model(model, config, dtype=dtype, attn_implementation=attn_implementation, device=device)
-    hf_ds = HfDeepSpeedConfig(ds_config)  # transformers holds it weakly: keep it alive while building
-    try:
-        return build_model(model, config, dtype=dtype, attn_implementation=attn_implementation)
-    finally:
-        del hf_ds
-        unset_hf_deepspeed_config()
+        built = build_model(model, config, dtype=dtype, attn_implementation=attn_implementation, device=device)
+    else:
+        hf_ds = HfDeepSpeedConfig(ds_config)  # transformers holds it weakly: keep it alive while building
+        try:
+            built = build_model(model, config, dtype=dtype, attn_implementation=attn_implementation)
+        finally:
+            del hf_ds
+            unset_hf_deepspeed_config()
+    if model.path is None or not has_weights(model.path):  # fresh init: an MoE's switched-off shared expert at 0
+        off = unused_shared_experts(built)
+        with deepspeed.zero.GatheredParameters(off, modifier_rank=0, enabled=bool(off) and zero_stage(ds_config) == 3):
+            for p in off:
+                p.data.zero_()
+    return built
 
 
 def init_teacher(model: PreTrainedModel, ds_config: dict) -> deepspeed.DeepSpeedEngine:
     """The frozen teacher: its own engine around :class:`HiddenStates` without optimizer or scheduler, in eval mode,
     no gradients; replicated (stage 0) or ZeRO-3 sharded, as ``ds_config`` says."""
     model.requires_grad_(False)
+    _moe_blocks_as_zero3_leaves(model)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=HiddenStates(model), config=ds_config)
     # Under ZeRO-3 DeepSpeed puts its parameter manager (gather/release hooks, no state) where the optimizer would be.
     assert optimizer is None or isinstance(optimizer, DeepSpeedZeRoOffload), f"teacher engine got {type(optimizer)}"
@@ -151,6 +160,7 @@ def init_student(model: PreTrainedModel, cfg: Config, derived: Derived, ds_confi
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _moe_blocks_as_zero3_leaves(model)
     groups = param_groups(model.named_parameters(), cfg.optim.weight_decay)
     opt_kwargs = {"lr": cfg.optim.lr, "betas": (cfg.optim.beta1, cfg.optim.beta2), "eps": cfg.optim.eps}
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
@@ -170,6 +180,14 @@ def init_student(model: PreTrainedModel, cfg: Config, derived: Derived, ds_confi
     )
     engine.train()
     return engine
+
+
+def _moe_blocks_as_zero3_leaves(model: PreTrainedModel) -> None:
+    """Under ZeRO-3, gather each MoE block's parameters as one (DeepSpeed's leaf modules): which experts run depends
+    on each rank's tokens, and ranks that fetched different expert parameters would wait on each other forever."""
+    blocks = {type(block) for block in moe_blocks(model)}
+    if blocks:
+        deepspeed.utils.set_z3_leaf_modules(model, list(blocks))
 
 
 @contextmanager

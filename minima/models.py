@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.utils import is_flash_attn_2_available
 
 from minima.config import ConfigError, ModelConfig
+from minima.moe import balance_loss, num_experts, routing_counts
 
 
 def choose_attn_implementation(requested: str, device: torch.device) -> str:
@@ -104,22 +105,32 @@ def check_vocab(name: str, model: ModelConfig, config: PretrainedConfig, tokeniz
         )
 
 
-def count_params(model: torch.nn.Module) -> int:
-    """Parameters that do matrix work per token: all but an untied input embedding (a lookup).
+def count_params(model: torch.nn.Module, *, active: bool = False) -> int:
+    """Parameters that do matrix work per token: all but an untied input embedding (a lookup). ``active``: of an
+    MoE model's experts only the ``top_k`` of ``E`` that a token goes through (the count FLOPs follow).
 
     Reads ``ds_numel`` under ZeRO-3, where the local tensors are shards.
     """
     model = causal_lm(model)
-    numel = {id(p): getattr(p, "ds_numel", p.numel()) for p in model.parameters()}
+    share = 1.0
+    if active and num_experts(model.config) > 0:
+        share = getattr(model.config, "num_experts_per_tok", 1) / num_experts(model.config)
+    numel = {
+        id(p): getattr(p, "ds_numel", p.numel()) * (share if ".experts." in name else 1.0)
+        for name, p in model.named_parameters()
+    }
     total = sum(numel.values())
     emb = model.get_input_embeddings().weight
     out = model.get_output_embeddings()
     tied = out is not None and out.weight is emb
-    return total if tied else total - numel[id(emb)]
+    return round(total if tied else total - numel[id(emb)])
 
 
-def last_hidden(lm: PreTrainedModel, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def last_hidden(
+    lm: PreTrainedModel, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, *, routing: bool = False
+):
     """A causal LM's last hidden states (B, T, H) after its final norm: its decoder alone, no output head touched.
+    With ``routing``, also its router logits: one (B * T, E) tensor per MoE layer (a tuple, empty for a dense model).
 
     Asking the whole model for ``output_hidden_states`` instead would keep every layer's states alive (gigabytes for a
     frozen 7B teacher); calling its forward would multiply (or, under ZeRO-3, fetch) the output head for nothing.
@@ -130,12 +141,20 @@ def last_hidden(lm: PreTrainedModel, input_ids: torch.Tensor, position_ids: torc
     laid end to end for it (each row starts a sequence, so nothing attends across rows either).
     """
     decoder = lm.get_decoder()
+    moe = routing and num_experts(lm.config) > 0
+    kwargs = {"use_cache": False, **({"output_router_logits": True} if moe else {})}
     if position_ids is None:
-        return decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-    if lm.config._attn_implementation == "flash_attention_2" and input_ids.shape[0] > 1:
-        flat = decoder(input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1), use_cache=False)
-        return flat.last_hidden_state.view(*input_ids.shape, -1)
-    return decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        out = decoder(input_ids=input_ids, **kwargs)
+        hidden = out.last_hidden_state
+    elif lm.config._attn_implementation == "flash_attention_2" and input_ids.shape[0] > 1:
+        out = decoder(input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1), **kwargs)
+        hidden = out.last_hidden_state.view(*input_ids.shape, -1)  # router logits: rows already in (B * T) order
+    else:
+        out = decoder(input_ids=input_ids, position_ids=position_ids, **kwargs)
+        hidden = out.last_hidden_state
+    if not routing:
+        return hidden
+    return hidden, tuple(out.router_logits) if moe else ()
 
 
 def add_neftune(lm: PreTrainedModel, alpha: float) -> torch.utils.hooks.RemovableHandle:
@@ -154,6 +173,12 @@ def add_neftune(lm: PreTrainedModel, alpha: float) -> torch.utils.hooks.Removabl
 class HiddenStates(torch.nn.Module):
     """What both engines run: a transformers causal LM (``.lm``) cut before its output head.
 
+    For the student, ``forward(input_ids, head)`` returns ``(hidden, head, balance)``: ``balance`` (B,) is each
+    sequence's load-balancing loss for an MoE student (:func:`minima.moe.balance_loss`; zeros for a dense one), an
+    engine output like the others, so its gradient too starts from DeepSpeed's hooks. In training, the routing
+    statistics of those forwards accumulate in ``routing`` (:func:`minima.moe.routing_counts`) until
+    :meth:`pop_routing`.
+
     ``forward(input_ids, position_ids=None)`` returns the last hidden states (B, T, H) (positions: see
     :func:`last_hidden`). The chunked loss multiplies the output head itself,
     a chunk of tokens at a time, so no (B, T, V) logits and no second fetch of the head ever happen. For the student,
@@ -166,10 +191,12 @@ class HiddenStates(torch.nn.Module):
     def __init__(self, lm: PreTrainedModel) -> None:
         super().__init__()
         self.lm = lm
+        self.top_k = int(getattr(lm.config, "num_experts_per_tok", 1) or 1)
+        self.routing: torch.Tensor | None = None  # (L, E + 2) summed routing_counts; not a buffer, not saved
 
     def forward(
         self, input_ids: torch.Tensor, head: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if head is None:
             return last_hidden(self.lm, input_ids, position_ids)
         if head.numel() == 0:
@@ -177,7 +204,18 @@ class HiddenStates(torch.nn.Module):
         # The view is taken before the decoder runs: with tied embeddings the embedding's own ZeRO-3 release after
         # its forward must not take the head away from the loss.
         head_out = head.view_as(head)
-        return last_hidden(self.lm, input_ids, position_ids), head_out
+        hidden, router_logits = last_hidden(self.lm, input_ids, position_ids, routing=True)
+        if not router_logits:
+            return hidden, head_out, hidden.new_zeros(input_ids.shape[0], dtype=torch.float32)
+        if self.training:
+            counts = routing_counts(router_logits, self.top_k)
+            self.routing = counts if self.routing is None else self.routing + counts
+        return hidden, head_out, balance_loss(router_logits, input_ids.shape[0], self.top_k)
+
+    def pop_routing(self) -> torch.Tensor | None:
+        """The routing statistics summed since the last call (None for a dense model), and start again."""
+        routing, self.routing = self.routing, None
+        return routing
 
 
 def causal_lm(model: torch.nn.Module) -> PreTrainedModel:

@@ -15,6 +15,12 @@ STUDENT_ARCH = (
     "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4,"
     " num_key_value_heads: 2, max_position_embeddings: 64}"
 )
+# STUDENT_ARCH's shape as minima's MoE students are built (minima.moe): 4 FFN experts of its width, top-1.
+MOE_STUDENT_ARCH = (
+    "{model_type: qwen2_moe, hidden_size: 32, intermediate_size: 64, moe_intermediate_size: 64, num_experts: 4,"
+    " num_experts_per_tok: 1, norm_topk_prob: false, shared_expert_intermediate_size: 1, qkv_bias: false,"
+    " num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64}"
+)
 # The teacher's head is padded past the tokenizer (1024 ids) as in real model families; KD compares the first 1024.
 TEACHER_ARCH = (
     "{model_type: llama, hidden_size: 48, intermediate_size: 96, num_hidden_layers: 2, num_attention_heads: 4,"

@@ -20,7 +20,7 @@ from minima.config import ConfigError, load_config
 from minima.dist import World
 from minima.files import current_umask
 from minima.shards import DataError
-from tests.runs import BIN, REPO, SEQ, STUDENT_ARCH, TEACHER_ARCH, launch, subprocess_env
+from tests.runs import BIN, MOE_STUDENT_ARCH, REPO, SEQ, STUDENT_ARCH, TEACHER_ARCH, launch, subprocess_env
 
 TB_TAGS = {
     "train/loss",
@@ -123,16 +123,49 @@ def test_resume_continues_bit_identically(kd_run, kd_overrides, tmp_path):
     assert step_losses(out) == step_losses(kd_run)
 
 
+def tiny_moe_student(vocab: int = 40, hidden: int = 32, experts: int = 8, gate_std: float = 1.0):
+    """A tiny MoE student as minima builds them (qwen2_moe, top-1, gate-probability scaling, the shared expert of
+    width 1 at zero), its gate initialised wide so that routing is peaked and some experts get no tokens from a small
+    batch."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        "qwen2_moe",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden,
+        moe_intermediate_size=hidden,
+        shared_expert_intermediate_size=1,
+        num_experts=experts,
+        num_experts_per_tok=1,
+        norm_topk_prob=False,
+        qkv_bias=False,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0.0, gate_std)
+            for p in (*layer.mlp.shared_expert.parameters(), layer.mlp.shared_expert_gate.weight):
+                p.zero_()
+    return model
+
+
 @pytest.fixture(scope="module")
-def grad_models(tmp_path_factory) -> dict[bool, Path]:
-    """Tiny teacher/student HF directories (student head tied or untied) and the DeepSpeed JSONs of the matrix."""
+def grad_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny teacher/student HF directories (student head tied or untied, or an MoE student) and the DeepSpeed JSONs
+    of the matrix."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     out = {}
-    for tied in (False, True):
-        work = tmp_path_factory.mktemp(f"grad_{'tied' if tied else 'untied'}")
+    for kind in ("untied", "tied", "moe"):
+        work = tmp_path_factory.mktemp(f"grad_{kind}")
         torch.manual_seed(0)
-        for name, vocab, hidden, tie in (("teacher", 48, 48, False), ("student", 40, 32, tied)):
+        for name, vocab, hidden, tie in (("teacher", 48, 48, False), ("student", 40, 32, kind == "tied")):
             cfg = LlamaConfig(
                 vocab_size=vocab,
                 hidden_size=hidden,
@@ -143,7 +176,8 @@ def grad_models(tmp_path_factory) -> dict[bool, Path]:
                 max_position_embeddings=64,
                 tie_word_embeddings=tie,
             )
-            AutoModelForCausalLM.from_config(cfg).save_pretrained(work / name)
+            model = tiny_moe_student() if name == "student" and kind == "moe" else AutoModelForCausalLM.from_config(cfg)
+            model.save_pretrained(work / name)
         for name in ("zero1", "zero2", "zero3", "zero3_offload", "zero3_teacher"):
             ds = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
             zero = ds["zero_optimization"]
@@ -155,28 +189,31 @@ def grad_models(tmp_path_factory) -> dict[bool, Path]:
             if "allgather_bucket_size" in zero:
                 zero["allgather_bucket_size"] = 1000
             (work / ("ds_teacher.json" if name == "zero3_teacher" else f"{name}.json")).write_text(json.dumps(ds))
-        out[tied] = work
+        out[kind] = work
     return out
 
 
-# (student JSON, accumulation steps, teacher placement, divergence, tied student head): every shipped student
-# configuration, both accumulation settings a recipe produces here, and every teacher placement.
+# (student JSON, accumulation steps, teacher placement, divergence, student): every shipped student configuration,
+# both accumulation settings a recipe produces here, every teacher placement, and an MoE student under ZeRO-3 (untied
+# students under ZeRO-3 are covered by the offload row).
 GRAD_MATRIX = [
-    ("zero3", 2, "zero3", "forward_kl", True),
-    ("zero3", 2, "node", "jsd", False),
-    ("zero3_offload", 4, "replicated", "forward_kl", False),
-    ("zero1", 2, "replicated", "forward_kl", False),
-    ("zero2", 4, "zero3", "jsd", True),
+    ("zero3", 2, "zero3", "forward_kl", "tied"),
+    ("zero3", 2, "node", "jsd", "moe"),
+    ("zero3_offload", 4, "replicated", "forward_kl", "untied"),
+    ("zero1", 2, "replicated", "forward_kl", "untied"),
+    ("zero2", 4, "zero3", "jsd", "tied"),
 ]
 
 
-@pytest.mark.parametrize(("student_json", "accum", "placement", "divergence", "tied"), GRAD_MATRIX)
-def test_gradients_equal_single_process_full_batch(grad_models, student_json, accum, placement, divergence, tied):
+@pytest.mark.parametrize(("student_json", "accum", "placement", "divergence", "student"), GRAD_MATRIX)
+def test_gradients_equal_single_process_full_batch(grad_models, student_json, accum, placement, divergence, student):
     """2 ranks x ``accum`` micro-batches with uneven padding, heads gathered for the chunked loss under ZeRO-3: the
     step's gradients (head included, tied or untied) equal those of a single process on the full batch with full
     logits and sum / N, whatever the student's ZeRO stage, CPU offload or the teacher's placement; the teacher's
-    hidden states and the loss equal the reference's."""
-    work = grad_models[tied]
+    hidden states and the loss equal the reference's. An MoE student's gradient includes its per-sequence
+    balancing loss, and experts that one rank never routes a token to (while the other does) neither hang ZeRO-3
+    nor change the result."""
+    work = grad_models[student]
     name = f"{student_json}_{accum}_{placement}_{divergence}"
     script = REPO / "tests" / "distributed" / "grad_equivalence.py"
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), str(work)]
@@ -194,13 +231,19 @@ def test_gradients_equal_single_process_full_batch(grad_models, student_json, ac
     assert result["max_rel_err"] < 1e-5, result
     assert result["grad_norm"] == pytest.approx(result["ref_grad_norm"], rel=1e-6)  # clipping sees the true norm
     assert result["per_micro_batch_mean_rel_err"] > 1e-2, "the batches are too uniform to catch mis-normalisation"
+    if student == "moe":
+        assert result["balance_sum"] > 0
+        assert result["experts_idle_on_one_rank"] > 0, "every expert ran on both ranks: the test would not hang"
 
 
 def test_single_process_run_without_launcher_on_a_mixture(tiny_prepared_data, tmp_path):
     """`python -m minima.distill` makes a world of one by itself; teacher=null is plain LM training; activation
     checkpointing recomputes the layers under the chunked loss; two sources mixed 3:1 with isolated documents, and the
-    tokens of each logged."""
+    tokens of each logged. The student is an MoE with router jitter: its balancing loss and routing statistics reach
+    TensorBoard, its switched-off shared expert stays exactly zero, and the export is a Qwen2-MoE that
+    AutoModelForCausalLM loads and generates with."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForCausalLM
 
     data = tmp_path / "mix"
     shutil.copytree(tiny_prepared_data / "tokenizer", data / "tokenizer")
@@ -213,7 +256,8 @@ def test_single_process_run_without_launcher_on_a_mixture(tiny_prepared_data, tm
         "data.sources={web: 3, code: 1}",
         "data.documents=isolated",
         f"data.seq_len={SEQ}",
-        f"student.arch={STUDENT_ARCH}",
+        f"student.arch={MOE_STUDENT_ARCH}",
+        "optim.router_jitter=0.05",
         "teacher=null",
         "run.micro_batch_size=2",
         f"run.tokens_per_step={4 * SEQ}",
@@ -229,6 +273,17 @@ def test_single_process_run_without_launcher_on_a_mixture(tiny_prepared_data, tm
     scalars = EventAccumulator(str(out / "tensorboard")).Reload()
     web, code = (scalars.Scalars(f"data/{name}/tokens")[-1].value for name in ("web", "code"))
     assert web + code == 2 * 4 * SEQ and web == 3 * code  # 8 windows, 6 from web and 2 from code
+    tags = set(scalars.Tags()["scalars"])
+    assert {"train/balance_loss", "moe/max_share", "moe/entropy", "moe/layer_1/load_expert_3"} <= tags
+    loads = [scalars.Scalars(f"moe/layer_0/load_expert_{e}")[-1].value for e in range(4)]
+    assert sum(loads) == pytest.approx(1.0, abs=1e-6)
+    assert 1.0 - 1e-6 <= scalars.Scalars("train/balance_loss")[-1].value <= 4.0
+    assert metrics["student_active_params"] < metrics["student_params"]
+    model = AutoModelForCausalLM.from_pretrained(out / "export")
+    assert type(model).__name__ == "Qwen2MoeForCausalLM" and model.config.num_experts == 4
+    for layer in model.model.layers:
+        assert all(float(p.detach().abs().sum()) == 0 for p in layer.mlp.shared_expert.parameters())
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
     with pytest.raises(DataError, match=r"'wiki'.*sources in .*\['code', 'web'\].*--source wiki"):
         train_in_process([f"data.dir={data}", "data.sources={web: 1, wiki: 1}", f"run.out_dir={tmp_path / 'bad'}"])
 

@@ -59,7 +59,16 @@ def main() -> None:
     from minima.losses import kd_loss_from_logits
 
     # chunk_tokens=5: each micro-batch's loss runs over several chunks of the gathered heads
-    kd = KDConfig(ce_weight=0.3, kd_weight=0.7, temperature=2.0, divergence=args.divergence, beta=0.3, chunk_tokens=5)
+    # balance_weight=0.5: for an MoE student, the balancing loss weighs visibly in the gradient
+    kd = KDConfig(
+        ce_weight=0.3,
+        kd_weight=0.7,
+        temperature=2.0,
+        divergence=args.divergence,
+        beta=0.3,
+        chunk_tokens=5,
+        balance_weight=0.5,
+    )
     student_ds = json.loads(args.student_json.read_text())
     student_ds.update(
         train_batch_size=MICRO * args.accum * world.world_size,
@@ -93,7 +102,8 @@ def main() -> None:
     }
     model = load("student", student_ds)
     stage = ds.zero_stage(student_ds)
-    sharded = stage < 3 or all(p.ds_tensor.numel() < p.ds_numel for p in model.parameters())
+    # (an MoE student's empty shared expert has nothing to shard)
+    sharded = stage < 3 or all(p.ds_tensor.numel() < p.ds_numel for p in model.parameters() if p.ds_numel > 0)
     from minima.models import HiddenStates
 
     student, *_ = deepspeed.initialize(
@@ -108,13 +118,22 @@ def main() -> None:
     sums = train_step(student, teacher, mine, kd, vocab_size=VOCAB, world=world, compiled=False)
     total = all_reduce_sum(sums, world.device)
     grad_norm = float(student.get_global_grad_norm())
+    routing = student.module.pop_routing()  # an MoE student: tokens per (layer, expert) on this rank
+    by_rank = None
+    if routing is not None:
+        by_rank = torch.zeros(world.world_size, *routing.shape, dtype=torch.float64)
+        by_rank[world.rank] = routing.cpu()
+        by_rank = all_reduce_sum(by_rank, world.device).cpu()
     with deepspeed.zero.GatheredParameters(list(params.values())):
         grads = {n: (before[n] - p.detach()) / LR for n, p in params.items()}
 
     if world.is_main:
         from transformers import AutoModelForCausalLM
 
+        from minima.moe import balance_loss
+
         ref_student = AutoModelForCausalLM.from_pretrained(work / "student", dtype=torch.float32)
+        moe = by_rank is not None
         ref_teacher = AutoModelForCausalLM.from_pretrained(work / "teacher", dtype=torch.float32).eval()
         batches = [mb for r in range(world.world_size) for mb in micro_batches(r, args.accum)]
         ids = torch.cat([mb.input_ids for mb in batches])
@@ -123,10 +142,13 @@ def main() -> None:
             t_logits = ref_teacher(input_ids=ids).logits
             ref_hidden = ref_teacher.model(input_ids=mine[0].input_ids).last_hidden_state
         # The reference takes the plain path: full logits of both models, one batch, sum / N.
-        terms = kd_loss_from_logits(
-            ref_student(input_ids=ids).logits, t_logits, labels, **kd.loss_kwargs(), vocab_size=VOCAB
-        )
-        (terms.loss_sum / terms.num_tokens).backward()
+        out = ref_student(input_ids=ids, output_router_logits=moe)
+        terms = kd_loss_from_logits(out.logits, t_logits, labels, **kd.loss_kwargs(), vocab_size=VOCAB)
+        loss_sum = terms.loss_sum
+        if moe:  # each sequence's balancing loss, weighted by its valid tokens (minima.moe)
+            balance = balance_loss(out.router_logits, ids.shape[0], ref_student.config.num_experts_per_tok)
+            loss_sum = loss_sum + kd.balance_weight * (balance * (labels != IGNORE_INDEX).sum(1)).sum()
+        (loss_sum / terms.num_tokens).backward()
         ref = {n: p.grad for n, p in ref_student.named_parameters()}
         rel = {n: float((grads[n] - ref[n]).norm() / ref[n].norm()) for n in ref}
         ref_norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in ref.values())))
@@ -149,7 +171,7 @@ def main() -> None:
             "teacher": teacher_layout,
             "teacher_hidden_max_abs_err": float((teacher_hidden - ref_hidden).abs().max()),
             "loss_sum": float(total[0]),
-            "ref_loss_sum": float(terms.loss_sum),
+            "ref_loss_sum": float(loss_sum),
             "max_rel_err": max(rel.values()),
             "worst": max(rel, key=rel.get),
             "per_micro_batch_mean_rel_err": naive_rel,
@@ -158,6 +180,13 @@ def main() -> None:
             "valid_tokens": float(total[4]),
             "ref_valid_tokens": int(terms.num_tokens),
         }
+        if moe:  # (rank, layer, expert) token counts: experts one rank never used while the other did
+            experts = by_rank[..., :-2]
+            result["balance_sum"] = float(total[5])
+            result["experts_idle_on_one_rank"] = int(((experts == 0) & (experts.flip(0) > 0)).sum())
+            result["expert_grad_norms"] = [
+                float(g) for g in ref["model.layers.0.mlp.experts.down_proj"].norm(dim=(1, 2))
+            ]
         (work / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     shutdown()
 
