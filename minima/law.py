@@ -6,8 +6,11 @@ fitted on pruning-then-distillation runs of GPT-2 and Pythia models below 3B and
 LLaMA-2-7B -> 3B). Read backwards it sizes the student of a teacher: ``S* = (T + 11.498) / 2.498``, about 0.4 T.
 Concrete architectures of that size, and the exact counts, are :mod:`minima.arch`'s.
 
-**Which count.** The law is applied to *total* parameters (input embedding and output head included), because the
-paper reports model sizes that way (:data:`LAW_COUNT`).
+**Which count.** The paper's models are dense and it reports total parameters (input embedding and output head
+included, :data:`LAW_COUNT`); for a dense model that is also the count of parameters a token goes through. For a
+mixture of experts the two differ, and the caller chooses (:data:`COUNT_REASONS`): *active* parameters (the default of
+``tools/pick_student_size.py``: the law is about the capacity gap at a given compute, and a token's compute is its
+active parameters) or *total* ones. The functions here take sizes in whichever count they are given.
 
 **Tiny teachers.** The affine form stops making sense below ~7.7M parameters, where it would give a student at least
 as large as the teacher (or, for a refitted line, a student <= 0). There the proportional form ``S* = T / slope`` (the
@@ -36,6 +39,14 @@ import numpy as np
 from minima.arch import ArchError, parse_count
 
 LAW_COUNT = "total parameters (input embedding and output head included), as the paper reports model sizes"
+
+COUNT_REASONS = {
+    "active": "the parameters a token goes through, since the law is about the capacity gap at a given compute (the"
+    " paper's models are dense, where active = total); an MoE's unused experts do not count",
+    "total": "every parameter, input embedding and output head included, as the paper reports model sizes; an MoE"
+    " counts all its experts",
+}
+"""Why the law would be applied to each count (``--count`` of ``tools/pick_student_size.py``)."""
 
 CAVEATS = (
     "The published constants come from pruning-then-distillation runs with models up to 7B; elsewhere they are an"

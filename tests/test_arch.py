@@ -18,12 +18,15 @@ from minima.arch import (
     HIDDEN_MULTIPLE,
     Arch,
     ArchError,
+    arch_from_hf_config,
     load_arch,
+    moe_student,
     parse_count,
     preset_names,
     student_candidates,
 )
 from minima.law import PUBLISHED_LAW
+from minima.moe import SHARED_EXPERT_OFF
 
 # Total parameters of the public checkpoints the presets copy (sum of numel of the released weights).
 PUBLISHED_COUNTS = {
@@ -99,6 +102,59 @@ FAMILY_CASES = {
 }
 PUBLISHED_FAMILY_COUNTS = {"qwen2-tied-gqa": 3_085_938_688, "qwen3-qk-norm-tied": 4_022_468_096}
 
+# Mixtures of experts: tiny configs of each option the counts know.
+MOE_CASES = {
+    # a shared expert, top-2, one dense layer (mlp_only_layers) of a different FFN width, qwen2_moe's q/k/v biases
+    "qwen2_moe-shared-dense-layer": {
+        "model_type": "qwen2_moe",
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 48,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [1],
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 100,
+        "tie_word_embeddings": False,
+    },
+    # minima's LLaMA-equivalent MoE but tied and every second layer sparse; the shared expert at width 0 still has
+    # its gate
+    "qwen2_moe-no-shared-step-2": {
+        "model_type": "qwen2_moe",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 128,
+        "shared_expert_intermediate_size": 0,
+        "num_experts": 8,
+        "num_experts_per_tok": 1,
+        "norm_topk_prob": False,
+        "qkv_bias": False,
+        "decoder_sparse_step": 2,
+        "mlp_only_layers": [],
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "vocab_size": 100,
+        "tie_word_embeddings": True,
+    },
+    "mixtral-gqa": {
+        "model_type": "mixtral",
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 100,
+        "tie_word_embeddings": False,
+    },
+}
+
 
 def hf_counts(config) -> tuple[int, int]:
     """(total, embedding) parameters of the transformers model of ``config``, built on the meta device (no memory).
@@ -109,6 +165,15 @@ def hf_counts(config) -> tuple[int, int]:
     named = dict(model.named_parameters())
     embedding = sum(p.numel() for n, p in named.items() if "embed_tokens" in n or n.startswith("lm_head"))
     return sum(p.numel() for p in named.values()), embedding
+
+
+def config_of(fields: dict):
+    """The transformers config of a config.json's fields."""
+    return AutoConfig.for_model(fields["model_type"], **{k: v for k, v in fields.items() if k != "model_type"})
+
+
+def arch_of(fields: dict) -> Arch:
+    return arch_from_hf_config(config_of(fields))
 
 
 def write_config(directory: Path, fields: dict) -> Path:
@@ -165,6 +230,102 @@ def test_family_options_count_exactly_for_the_config_and_its_candidates(case, tm
             arch.qk_norm,
         )
         assert_counts_match(c.arch)
+
+
+@pytest.mark.parametrize("case", sorted(MOE_CASES))
+def test_moe_configs_count_exactly_for_the_config_and_its_candidates(case, tmp_path):
+    fields = MOE_CASES[case]
+    arch = load_arch(write_config(tmp_path, fields))
+    assert arch.total_params() == hf_counts(config_of(fields))[0]
+    assert_counts_match(arch)  # and written back as a config
+    assert arch.active_params() < arch.total_params() and arch.moe_layers() > 0
+    target = PUBLISHED_LAW.optimal_student(arch.active_params()).params
+    candidates = student_candidates(arch, target, count="active")
+    assert candidates
+    for c in candidates:  # an MoE teacher's students keep its experts and routing
+        a = c.arch
+        assert (a.model_type, a.num_experts, a.experts_per_token) == (
+            arch.model_type,
+            arch.num_experts,
+            arch.experts_per_token,
+        )
+        assert a.active_params() < arch.active_params()
+        assert_counts_match(a)
+
+
+def test_moe_active_params_by_hand():
+    h, v, e, m, s, w = 64, 100, 4, 32, 48, 96  # hidden, vocab, experts, expert FFN, shared FFN, dense FFN
+    arch = arch_of(MOE_CASES["qwen2_moe-shared-dense-layer"])
+    attention = 2 * h * 64 + 2 * h * 32 + (64 + 2 * 32)  # q, o; k, v (2 kv heads of 16); q/k/v biases
+    norms = 2 * h
+    moe_mlp = e * 3 * h * m + e * h + 3 * h * s + h  # experts, router, shared expert, its gate
+    dense_mlp = 3 * h * w
+    total = 2 * v * h + 4 * (attention + norms) + 3 * moe_mlp + dense_mlp + h
+    assert arch.moe_layers() == 3 and arch.total_params() == total == 183_808
+    active = total - 3 * (e - 2) * 3 * h * m  # top-2 of 4: two experts skipped in each of the 3 MoE layers
+    assert arch.active_params() == active == 146_944
+    matmul = 4 * (2 * h * 64 + 2 * h * 32) + 3 * (2 * 3 * h * m + e * h + 3 * h * s + h) + dense_mlp + v * h
+    assert arch.matmul_params() == matmul
+    assert arch.train_flops_per_token(16) == 6.0 * matmul + 12 * 4 * 4 * 16 * 16
+    mixtral = arch_of(MOE_CASES["mixtral-gqa"])
+    assert mixtral.active_params() == mixtral.total_params() - 2 * 2 * 3 * h * w
+
+
+def test_moe_student_of_minima_3b_counts_exactly():
+    teacher = load_arch("llama2-7b")
+    dense = next(c.arch for c in student_candidates(teacher, 2.7e9, "uniform") if c.factor == 0.75)
+    assert dense.total_params() == dense.active_params() == 2_914_667_520  # MiniMA-3B
+    moe = moe_student(dense, 4)
+    assert (moe.model_type, moe.num_experts, moe.experts_per_token, moe.expert_size) == ("qwen2_moe", 4, 1, 8192)
+    assert (moe.qkv_bias, moe.shared_expert_size, moe.moe_layers()) == (False, SHARED_EXPERT_OFF, 24)
+    assert moe.total_params() == 8_351_075_328
+    router_and_off_shared = 24 * (4 * 3072 + 3 * 3072 * SHARED_EXPERT_OFF + 3072)
+    assert moe.active_params() == dense.total_params() + router_and_off_shared == 2_915_257_344
+    assert moe.matmul_params() == dense.matmul_params() + router_and_off_shared
+    assert_counts_match(moe)
+    config = moe.to_hf_config()
+    assert (config.norm_topk_prob, config.use_sliding_window, config.mlp_only_layers) == (False, False, [])
+    assert config.rope_parameters == teacher.to_hf_config().rope_parameters
+    qwen2 = student_candidates(load_arch("qwen2.5-7b"), 3e9)[0].arch
+    assert moe_student(qwen2, 2).qkv_bias  # a qwen2 shape keeps its q/k/v biases
+
+
+def test_moe_student_refuses_what_qwen2_moe_cannot_hold(tmp_path):
+    moe = load_arch(write_config(tmp_path / "moe", MOE_CASES["mixtral-gqa"]))
+    with pytest.raises(ArchError, match=r"already an MoE \(4 experts\).*drop --moe"):
+        moe_student(moe, 4)
+    llama = load_arch(write_config(tmp_path / "llama", FAMILY_CASES["llama-biases-gqa"]))
+    with pytest.raises(ArchError, match=r"biases or q/k norms.*bias-free"):
+        student_candidates(llama, 1e7, experts=4)
+    dense = load_arch(write_config(tmp_path / "tiny", TINY_TEACHER))
+    with pytest.raises(ArchError, match="--moe 1: an MoE needs at least 2 experts"):
+        moe_student(dense, 1)
+    with pytest.raises(ArchError, match=r"--moe-top-k 5: must be between 1 and the number of experts \(4\)"):
+        moe_student(dense, 4, 5)
+
+
+def test_moe_candidates_meet_the_target_in_active_params():
+    teacher = load_arch("llama2-7b")
+    target = PUBLISHED_LAW.optimal_student(teacher.total_params()).params
+    dense = student_candidates(teacher, target, count="active")  # dense: active = total
+    moe = student_candidates(teacher, target, count="active", experts=4)
+    assert abs(moe[0].arch.active_params() / target - 1) < 0.03
+    assert moe[0].arch.total_params() > 2.5 * moe[0].arch.active_params()
+    for c in moe:
+        assert c.arch.model_type == "qwen2_moe" and c.arch.num_experts == 4
+        assert_counts_match(c.arch)
+    # the same dense shapes, each with its FFN as 4 experts: active = dense + router + the switched-off shared expert
+    for c in moe:
+        a = c.arch
+        base = replace(teacher, hidden_size=a.hidden_size, intermediate_size=a.expert_size, num_layers=a.num_layers)
+        base = replace(base, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads)
+        extra = a.num_layers * (4 * a.hidden_size + 4 * a.hidden_size * SHARED_EXPERT_OFF)
+        assert a.active_params() == base.total_params() + extra
+    assert {(c.arch.num_layers, c.arch.hidden_size) for c in moe} & {
+        (c.arch.num_layers, c.arch.hidden_size) for c in dense
+    }
+    by_total = student_candidates(teacher, target, count="total", experts=4)
+    assert abs(by_total[0].arch.total_params() / target - 1) < 0.03  # --count total: the experts together meet S*
 
 
 def test_family_flags_are_read_from_the_config(tmp_path):

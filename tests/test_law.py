@@ -27,6 +27,7 @@ from minima.law import (
     read_results,
     select_assistant,
 )
+from minima.moe import SHARED_EXPERT_OFF
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "pick_student_size.py"
@@ -191,7 +192,8 @@ def test_cli_prints_the_table_for_llama2_7b():
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "total 6,738,415,616 parameters" in out
-    assert "optimal student: 2.7B total parameters (0.401 x the teacher), affine form" in out
+    assert "applied to active parameters: the parameters a token goes through" in out  # the default, and why
+    assert "optimal student: 2.7B active parameters (0.401 x the teacher), affine form" in out
     assert any(line.split()[1:7] == ["24", "3072", "24", "24", "128", "8192"] for line in out.splitlines())
     assert "caveats:" in out
 
@@ -242,7 +244,7 @@ def test_cli_in_process_errors_and_counts(tool, tmp_path, capsys):
 
     assert tool.main(["--teacher-params", "7B", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["teacher"]["total_params"] == 7e9 and "candidates" not in out
+    assert out["teacher"]["params"] == out["teacher"]["active_params"] == 7e9 and "candidates" not in out
     assert out["optimal_student"]["total_params"] == pytest.approx((7000 + 11.498) / 2.498 * 1e6)
 
     assert tool.main(["--teacher-params", "seven"]) == 2
@@ -280,3 +282,91 @@ def test_cli_in_process_teachers_chain_fit_and_assistants(tool, tmp_path, capsys
     assistants.write_text("name,scale,score\nta,2,0.5\n")
     assert tool.main(["--assistants", str(assistants)]) == 2
     assert f"{assistants}, line 2, column 'scale'" in capsys.readouterr().err
+
+
+# A tiny MoE teacher: 4 layers, 4 experts of FFN 128, top-1 (minima's MoE shape).
+TINY_MOE_TEACHER = {
+    "model_type": "qwen2_moe",
+    "hidden_size": 128,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 128,
+    "shared_expert_intermediate_size": 1,
+    "num_experts": 4,
+    "num_experts_per_tok": 1,
+    "norm_topk_prob": False,
+    "qkv_bias": False,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 512,
+    "tie_word_embeddings": False,
+}
+
+
+def test_cli_moe_students_of_llama2_7b_meet_the_optimum_in_active_params(tool, tmp_path, capsys):
+    assert tool.main(["--teacher", "llama2-7b", "--json"]) == 0
+    dense = json.loads(capsys.readouterr().out)["candidates"][0]
+    config_dir = tmp_path / "student_moe"
+    assert tool.main(["--teacher", "llama2-7b", "--moe", "4", "--json", "--write-config", str(config_dir)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["count"]["used"] == "active"
+    target = out["optimal_student"]["params"]
+    row = out["candidates"][0]
+    assert (row["experts"], row["experts_per_token"], row["moe_layers"]) == (4, 1, row["layers"])
+    assert row["active_params"] == pytest.approx(dense["active_params"], rel=0.03)  # near the dense proposal
+    assert row["active_params"] == pytest.approx(target, rel=0.03) and row["ratio_to_optimum"] == pytest.approx(
+        row["active_params"] / target
+    )
+    assert row["total_params"] > 2.5 * row["active_params"]  # the experts hold ~E x the FFN
+
+    config = AutoConfig.from_pretrained(config_dir)
+    assert config.model_type == "qwen2_moe"
+    assert (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size) == (4, 1, row["ffn"])
+    assert (config.norm_topk_prob, config.qkv_bias, config.use_sliding_window) == (False, False, False)
+    assert (config.shared_expert_intermediate_size, config.decoder_sparse_step, config.mlp_only_layers) == (
+        SHARED_EXPERT_OFF,
+        1,
+        [],
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == row["total_params"]
+    h, m, layers = row["hidden"], row["ffn"], row["layers"]
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape == (4, 2 * m, h) and experts.down_proj.shape == (4, h, m)
+    per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // 4
+    assert row["active_params"] == row["total_params"] - layers * (4 - 1) * per_expert  # top-1: 3 experts skipped
+
+
+def test_cli_count_total_and_active_differ_for_an_moe_teacher(tool, tmp_path, capsys):
+    path = tmp_path / "moe_teacher" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(TINY_MOE_TEACHER))
+    outs = {}
+    for count in ("active", "total"):
+        assert tool.main(["--teacher", str(path), "--count", count, "--json"]) == 0
+        outs[count] = json.loads(capsys.readouterr().out)
+    teacher = outs["total"]["teacher"]
+    assert teacher["active_params"] < teacher["total_params"]
+    h, m = TINY_MOE_TEACHER["hidden_size"], TINY_MOE_TEACHER["moe_intermediate_size"]
+    assert teacher["total_params"] - teacher["active_params"] == 4 * 3 * 3 * h * m  # 3 unused experts a layer
+    for count, out in outs.items():
+        assert out["count"]["used"] == count and out["teacher"]["params"] == teacher[f"{count}_params"]
+        est = out["optimal_student"]
+        assert est["params"] == pytest.approx(PUBLISHED_LAW.optimal_student(teacher[f"{count}_params"]).params)
+        assert "total_params" not in est or count == "total"  # an MoE: S* is in one count only
+        for row in out["candidates"]:  # the teacher's students keep its experts, sized in the count asked for
+            assert row["experts"] == 4 and row["ratio_to_optimum"] == pytest.approx(
+                row[f"{count}_params"] / est["params"]
+            )
+    assert outs["active"]["optimal_student"]["params"] < outs["total"]["optimal_student"]["params"]
+
+    assert tool.main(["--teacher", str(path), "--moe", "4"]) == 2
+    assert "already an MoE (4 experts): its students keep its experts; drop --moe" in capsys.readouterr().err
+    for argv, message in (
+        (["--teacher", "llama2-7b", "--moe-top-k", "2"], "--moe-top-k sets the experts per token of --moe E"),
+        (["--teacher-params", "7B", "--moe", "4"], "--moe turns the students derived from --teacher MODEL into MoEs"),
+    ):
+        with pytest.raises(SystemExit):
+            tool.main(argv)
+        assert message in capsys.readouterr().err

@@ -11,8 +11,8 @@ The teacher is the demo's (3.0M parameters). The "near" student is the shape the
 (``runs/demo/student_arch``: the teacher is ~0.8x the law's optimal teacher for it); the "far" student is much
 smaller (2 layers x 64), so that the same teacher is several times the law's optimal teacher for it: the capacity gap
 that MiniMoE addresses. Each MoE student is the dense shape with every FFN turned into ``--experts`` experts of the
-dense FFN's width, top-1 with gate-probability scaling (``minima.moe``): the same active parameters per token. All
-students start from a random initialisation with the same seed and see the same tokens in the same order (the
+dense FFN's width, top-1 with gate-probability scaling (``minima.moe``): the same active parameters per token. The first
+four students start from a random initialisation with the same seed; all see the same tokens in the same order (the
 ``tiny_cpu`` recipe: 0.5 CE + 0.5 KD at T=1). Every number in the table is a held-out loss measured on the whole
 held-out split (nats/token).
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from minima.arch import load_arch
-from minima.demo import SEQ_LEN, launch
+from minima.demo import SEQ_LEN, launch, run_tool
 from minima.evaluate import evaluate_model
 from minima.law import PUBLISHED_LAW
 
@@ -73,32 +74,51 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[compare_moe {time.time() - t_start:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
+    # MiniMoE's initialisation for the near student: the teacher pruned to its shape with the FFN kept E/2 times
+    # wider (the demo's pruning), then split into E experts with 2/3 common neurons, against the demo's pruned init.
+    wide_dir, split_dir = args.out / "pruned_wide", args.out / "pruned_split"
+    wide = {**near, "intermediate_size": near["intermediate_size"] * args.experts // 2}
+    (args.out / "wide_arch").mkdir(parents=True, exist_ok=True)
+    (args.out / "wide_arch" / "config.json").write_text(json.dumps(wide))
+    calib = ["--calib", str(data_dir / "train"), "--seq-len", str(SEQ_LEN), "--calib-windows", "128"]
+    prune = ["--teacher", str(teacher_dir), "--target", str(args.out / "wide_arch"), "--out", str(wide_dir)]
+    shutil.rmtree(wide_dir, ignore_errors=True)  # a previous comparison's
+    run_tool("prune_to_student.py", [*prune, *calib], log)
+    moefy = ["--dense", str(wide_dir), "--experts", str(args.experts), "--expert-size", str(near["intermediate_size"])]
+    run_tool("moefy.py", [*moefy, *calib, "--out", str(split_dir), "--overwrite"], log)
+
+    runs = [
+        (gap, kind, f"student.arch={flow(arch)}")
+        for gap, shape in shapes.items()
+        for kind, arch in (("dense", dense_arch(shape)), ("moe", moe_arch(shape, args.experts)))
+    ]
+    runs += [("near_pruned", "dense", f"student={{path: {args.demo / 'student_init'}}}")]
+    runs += [("near_pruned", "moe", f"student={{path: {split_dir}}}")]
     rows = []
-    for gap, shape in shapes.items():
-        for kind, arch in (("dense", dense_arch(shape)), ("moe", moe_arch(shape, args.experts))):
-            name = f"{gap}_{kind}"
-            overrides = [f"data.dir={data_dir}", f"teacher.path={teacher_dir}", f"student.arch={flow(arch)}"]
-            overrides += [f"run.total_tokens={args.tokens}", "run.eval_tokens=32768", "run.save_every=0"]
-            metrics = launch(args.out / name, overrides, args.num_ranks, log)
-            held_out = evaluate_model(metrics["export_dir"], data_dir, seq_len=SEQ_LEN)
-            config = json.loads((Path(metrics["export_dir"]) / "config.json").read_text())
-            dense_total = load_arch(args.out / f"{gap}_dense" / "export").total_params()
-            optimal_teacher = PUBLISHED_LAW.optimal_teacher(dense_total).params
-            rows.append(
-                {
-                    "name": name,
-                    "gap": gap,
-                    "student": kind,
-                    "experts": config.get("num_experts", 1),
-                    "params": metrics["student_params"],
-                    "active_params": metrics.get("student_active_params", metrics["student_params"]),
-                    "teacher_over_optimal_teacher": teacher_params / optimal_teacher,
-                    "tokens": metrics["tokens_seen"],
-                    "held_out_loss": held_out["loss"],
-                    "held_out_tokens": held_out["tokens"],
-                    "export_dir": metrics["export_dir"],
-                }
-            )
+    for gap, kind, student in runs:
+        name = f"{gap}_{kind}"
+        overrides = [f"data.dir={data_dir}", f"teacher.path={teacher_dir}", student]
+        overrides += [f"run.total_tokens={args.tokens}", "run.eval_tokens=32768", "run.save_every=0"]
+        metrics = launch(args.out / name, overrides, args.num_ranks, log)
+        held_out = evaluate_model(metrics["export_dir"], data_dir, seq_len=SEQ_LEN)
+        config = json.loads((Path(metrics["export_dir"]) / "config.json").read_text())
+        dense_total = load_arch(args.out / f"{gap}_dense" / "export").total_params()  # the law counts totals
+        optimal_teacher = PUBLISHED_LAW.optimal_teacher(dense_total).params
+        rows.append(
+            {
+                "name": name,
+                "gap": gap,
+                "student": kind,
+                "experts": config.get("num_experts", 1),
+                "params": metrics["student_params"],
+                "active_params": metrics.get("student_active_params", metrics["student_params"]),
+                "teacher_over_optimal_teacher": teacher_params / optimal_teacher,
+                "tokens": metrics["tokens_seen"],
+                "held_out_loss": held_out["loss"],
+                "held_out_tokens": held_out["tokens"],
+                "export_dir": metrics["export_dir"],
+            }
+        )
     summary = {"teacher": str(teacher_dir), "teacher_params": teacher_params, "rows": rows}
     summary["wall_s"] = round(time.time() - t_start, 1)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -107,13 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         f"\nteacher {teacher_params / 1e6:.2f}M params; held-out loss on {rows[0]['held_out_tokens']} tokens (nats)\n"
     )
     print(
-        f"{'student':<12}{'teacher/T*':>11}{'params':>10}{'active':>10}{'tokens':>9}{'val loss':>10}{'MoE-dense':>11}"
+        f"{'student':<18}{'teacher/T*':>11}{'params':>10}{'active':>10}{'tokens':>9}{'val loss':>10}{'MoE-dense':>11}"
     )
     for row in rows:
         dense = next(r for r in rows if r["gap"] == row["gap"] and r["student"] == "dense")
         delta = "" if row is dense else f"{row['held_out_loss'] - dense['held_out_loss']:+.4f}"
         print(
-            f"{row['name']:<12}{row['teacher_over_optimal_teacher']:>10.1f}x{row['params'] / 1e6:>9.3f}M"
+            f"{row['name']:<18}{row['teacher_over_optimal_teacher']:>10.1f}x{row['params'] / 1e6:>9.3f}M"
             f"{row['active_params'] / 1e6:>9.3f}M{row['tokens']:>9}{row['held_out_loss']:>10.4f}{delta:>11}"
         )
     print(f"\nsummary: {args.out / 'summary.json'}  ({summary['wall_s']:.0f} s)")

@@ -1,7 +1,9 @@
 """Size a distillation student (or pick a teacher) with the law of capacity gap: ``minima.law`` from the shell.
 
-The law, T* = 2.498 * S - 11.498 (millions of parameters, total counts), says which teacher size gives the best
-student; read backwards, which student a teacher suits best (~0.4x). Examples::
+The law, T* = 2.498 * S - 11.498 (millions of parameters), says which teacher size gives the best student; read
+backwards, which student a teacher suits best (~0.4x). It is applied to the count ``--count`` names: ``active``
+(default: the parameters a token goes through, the compute the capacity gap is measured at) or ``total``; the two
+differ only for mixtures of experts. Examples::
 
     # the optimal student of LLaMA-2-7B and a ranked table of concrete architectures of its family
     python tools/pick_student_size.py --teacher llama2-7b
@@ -9,6 +11,8 @@ student; read backwards, which student a teacher suits best (~0.4x). Examples::
     python tools/pick_student_size.py --teacher llama2-7b --derivation uniform
     # ... and write row 2's transformers config, for the recipe's student='{{path: runs/student_arch}}'
     python tools/pick_student_size.py --teacher /models/Llama-2-7b-hf --pick 2 --write-config runs/student_arch
+    # MoE students (qwen2_moe, 4 experts of the dense FFN's width, top-1) whose active size is the optimum
+    python tools/pick_student_size.py --teacher llama2-7b --moe 4 --write-config runs/student_moe
     # the reverse question: which of these teachers for a 3B student?
     python tools/pick_student_size.py --student-params 3e9 --teachers llama2-7b,llama2-13b,70e9
     # a teacher far above the optimum: a chain of teacher assistants
@@ -30,10 +34,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from minima.arch import DERIVATIONS, Arch, ArchError, load_arch, parse_count, preset_names, student_candidates
+from minima.arch import (
+    COUNTS,
+    DERIVATIONS,
+    Arch,
+    ArchError,
+    Count,
+    load_arch,
+    parse_count,
+    preset_names,
+    student_candidates,
+)
 from minima.law import (
     CAVEATS,
-    LAW_COUNT,
+    COUNT_REASONS,
     PUBLISHED_LAW,
     LawError,
     assistant_chain,
@@ -54,11 +68,11 @@ def human(n: float) -> str:
     return f"{n:.3g}"
 
 
-def model_size(spec: str) -> tuple[str, float, Arch | None]:
-    """A teacher of ``--teachers``: a preset, directory or config.json (counted), or a bare parameter count."""
+def model_size(spec: str, count: Count) -> tuple[str, float, Arch | None]:
+    """A teacher of ``--teachers``: a preset, directory or config.json (counted in ``count``), or a bare count."""
     if spec in preset_names() or Path(spec).exists():
         arch = load_arch(spec)
-        return spec, float(arch.total_params()), arch
+        return spec, float(arch.params(count)), arch
     try:
         return spec, parse_count(spec), None
     except ArchError:
@@ -70,24 +84,28 @@ def model_size(spec: str) -> tuple[str, float, Arch | None]:
 
 def describe(arch: Arch, seq_len: int) -> list[str]:
     tie = "tied" if arch.tie_word_embeddings else "untied"
+    active = f"active {arch.active_params():,} ({human(arch.active_params())}), " if arch.moe_layers() else ""
     return [
         f"  {arch.model_type}: {arch.shape()}, vocab {arch.vocab_size} ({tie} embeddings)",
-        f"  total {arch.total_params():,} parameters ({human(arch.total_params())}), non-embedding"
+        f"  total {arch.total_params():,} parameters ({human(arch.total_params())}), {active}non-embedding"
         f" {arch.non_embedding_params():,}; {arch.train_flops_per_token(seq_len):.3g} training FLOPs/token at seq"
         f" {seq_len}",
     ]
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
+    """Rows of candidates; ``ffn`` is an expert's width and ``E/k`` experts / top-k for an MoE row."""
     head = (
-        f"{'#':>2} {'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>3} {'hd':>4} {'ffn':>6} {'vocab':>6}"
-        f" {'total':>7} {'non-emb':>7} {'FLOPs/tok':>9} {'x teach':>7} {'x opt':>6}  derivation"
+        f"{'#':>2} {'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>3} {'hd':>4} {'ffn':>6} {'E/k':>5} {'vocab':>6}"
+        f" {'total':>7} {'active':>7} {'non-emb':>7} {'FLOPs/tok':>9} {'x teach':>7} {'x opt':>6}  derivation"
     )
     lines = [head]
     for i, r in enumerate(rows, 1):
+        experts = f"{r['experts']}/{r['experts_per_token']}" if r["experts"] else "-"
         lines.append(
             f"{i:>2} {r['layers']:>6} {r['hidden']:>6} {r['heads']:>5} {r['kv_heads']:>3} {r['head_dim']:>4}"
-            f" {r['ffn']:>6} {r['vocab']:>6} {human(r['total_params']):>7} {human(r['non_embedding_params']):>7}"
+            f" {r['ffn']:>6} {experts:>5} {r['vocab']:>6} {human(r['total_params']):>7}"
+            f" {human(r['active_params']):>7} {human(r['non_embedding_params']):>7}"
             f" {r['train_flops_per_token']:>9.3g} {r['ratio_to_teacher']:>7.3f} {r['ratio_to_optimum']:>6.3f}"
             f"  {r['derivation']}" + "".join(f"\n{'':>8}note: {n}" for n in r["notes"])
         )
@@ -101,16 +119,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     teacher = parser.add_mutually_exclusive_group()
     teacher.add_argument("--teacher", metavar="MODEL", help="teacher: preset, HF model directory or config.json")
-    teacher.add_argument("--teacher-params", metavar="N", help="teacher given as a total parameter count, e.g. 6.7e9")
+    teacher.add_argument("--teacher-params", metavar="N", help="teacher as a parameter count (in --count), e.g. 6.7e9")
     student = parser.add_mutually_exclusive_group()
     student.add_argument("--student", metavar="MODEL", help="student: preset, HF model directory or config.json")
-    student.add_argument("--student-params", metavar="N", help="student given as a total parameter count, e.g. 3e9")
+    student.add_argument("--student-params", metavar="N", help="student as a parameter count (in --count), e.g. 3e9")
     parser.add_argument("--teachers", metavar="A,B,C", help="candidate teachers to rank for the student")
     parser.add_argument(
         "--derivation",
         choices=DERIVATIONS,
         help="only students derived this way (uniform: MiniMA's scaling of depth and width together); default all",
     )
+    parser.add_argument(
+        "--count",
+        choices=COUNTS,
+        default="active",
+        help="the parameters the law is applied to: active (a token's, default) or total; equal for dense models",
+    )
+    parser.add_argument(
+        "--moe",
+        type=int,
+        metavar="E",
+        help="propose qwen2_moe students: every dense shape's FFN as E experts of its width, sized by --count",
+    )
+    parser.add_argument("--moe-top-k", type=int, metavar="K", help="experts per token of --moe students (default 1)")
     parser.add_argument("--seq-len", type=int, default=4096, help="context for FLOPs per token (default 4096)")
     parser.add_argument(
         "--fit",
@@ -151,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--derivation restricts the students derived from --teacher MODEL (an architecture to scale)")
     if args.seq_len <= 0 or args.pick < 1:
         parser.error("--seq-len and --pick must be positive")
+    if args.moe_top_k is not None and args.moe is None:
+        parser.error("--moe-top-k sets the experts per token of --moe E students: add --moe")
+    if args.moe is not None and args.teacher is None:
+        parser.error("--moe turns the students derived from --teacher MODEL into MoEs: give --teacher MODEL")
+    args.moe_top_k = 1 if args.moe_top_k is None else args.moe_top_k
 
     try:
         out, text = run(args, has_teacher, has_student)
@@ -181,50 +217,66 @@ def run(args: argparse.Namespace, has_teacher: bool, has_student: bool) -> tuple
         text += [f"  note: {n}" for n in fit.notes]
     out["law"] = law.to_dict()
     r2 = f", R^2 {law.r2:.4f}" if law.r2 is not None else ""
-    text += [f"law: {law.formula()}{r2} [{law.source}]", f"  applied to {LAW_COUNT}"]
+    count: Count = args.count
+    out["count"] = {"used": count, "why": COUNT_REASONS[count]}
+    text += [f"law: {law.formula()}{r2} [{law.source}]", f"  applied to {count} parameters: {COUNT_REASONS[count]}"]
     pair = chain = None
 
     teacher_arch = load_arch(args.teacher) if args.teacher else None
-    teacher_params = teacher_arch.total_params() if teacher_arch else None
+    teacher_params = teacher_arch.params(count) if teacher_arch else None
     if args.teacher_params:
         teacher_params = parse_count(args.teacher_params, "--teacher-params")
     student_params = None
     if has_student:
         student_arch = load_arch(args.student) if args.student else None
         student_params = (
-            student_arch.total_params() if student_arch else parse_count(args.student_params, "--student-params")
+            student_arch.params(count) if student_arch else parse_count(args.student_params, "--student-params")
         )
-        out["student"] = {"spec": args.student or args.student_params, "total_params": student_params}
+        out["student"] = {"spec": args.student or args.student_params, "params": student_params, "count": count}
         if student_arch:
             out["student"].update(student_arch.summary(args.seq_len))
+        else:
+            out["student"][f"{count}_params"] = student_params
     if has_teacher:
-        out["teacher"] = {"spec": args.teacher or args.teacher_params, "total_params": teacher_params}
+        out["teacher"] = {"spec": args.teacher or args.teacher_params, "params": teacher_params, "count": count}
         text += [f"teacher: {args.teacher or args.teacher_params}"]
         if teacher_arch:
             out["teacher"].update(teacher_arch.summary(args.seq_len))
             text += describe(teacher_arch, args.seq_len)
+        else:
+            out["teacher"][f"{count}_params"] = teacher_params
 
     if has_teacher and not has_student:  # the optimal student and concrete shapes
         est = law.optimal_student(teacher_params)
         pair = (est.params, teacher_params)
         out["optimal_student"] = {
-            "total_params": est.params,
+            "params": est.params,
+            "count": count,
+            f"{count}_params": est.params,
             "ratio_to_teacher": est.params / teacher_params,
             "form": est.form,
             "notes": list(est.notes),
         }
+        if args.moe is None and not (teacher_arch and teacher_arch.moe_layers()):
+            out["optimal_student"].update(total_params=est.params, active_params=est.params)  # dense: one count
         text += [
-            f"optimal student: {human(est.params)} total parameters ({est.params / teacher_params:.3f} x the"
+            f"optimal student: {human(est.params)} {count} parameters ({est.params / teacher_params:.3f} x the"
             f" teacher), {est.form} form"
         ]
         text += [f"  note: {n}" for n in est.notes]
         if teacher_arch:
-            candidates = student_candidates(teacher_arch, est.params, args.derivation)
-            rows = [c.row(teacher_arch, est.params, args.seq_len) for c in candidates]
+            candidates = student_candidates(
+                teacher_arch, est.params, args.derivation, count, args.moe or 0, args.moe_top_k
+            )
+            rows = [c.row(teacher_arch, est.params, args.seq_len, count) for c in candidates]
             out["candidates"] = rows
             out["derivation"] = args.derivation or "all"
-            only = f" ({args.derivation} only)" if args.derivation else ""
-            text += ["", f"students of the teacher's family{only}, closest to {human(est.params)} first:", *table(rows)]
+            only = f", {args.derivation} only" if args.derivation else ""
+            kind = "the teacher's family"
+            if args.moe:
+                kind = f"qwen2_moe: {args.moe} experts of the dense FFN's width, top-{args.moe_top_k}"
+            text += ["", f"students ({kind}{only}) by {count} parameters, closest to {human(est.params)} first:"]
+            text += table(rows)
             if args.write_config:
                 if args.pick > len(candidates):
                     raise LawError(f"--pick {args.pick}: the table has {len(candidates)} rows")
@@ -242,10 +294,10 @@ def run(args: argparse.Namespace, has_teacher: bool, has_student: bool) -> tuple
         chain = assistant_chain(teacher_params, student_params, law)
         assistants = []
         for size in chain.assistants:
-            entry: dict[str, Any] = {"total_params": size}
-            shapes = student_candidates(teacher_arch, size, args.derivation) if teacher_arch else []
+            entry: dict[str, Any] = {"params": size}
+            shapes = student_candidates(teacher_arch, size, args.derivation, count) if teacher_arch else []
             if shapes:  # a teacher too small to shrink (one layer, one head) has none
-                entry.update(shape=shapes[0].arch.shape(), shape_params=shapes[0].arch.total_params())
+                entry.update(shape=shapes[0].arch.shape(), shape_params=shapes[0].arch.params(count))
             assistants.append(entry)
         out["chain"] = {
             "sizes": list(chain.sizes),
@@ -261,18 +313,18 @@ def run(args: argparse.Namespace, has_teacher: bool, has_student: bool) -> tuple
             f" ({len(chain.assistants)} assistant{'s' if len(chain.assistants) != 1 else ''})",
             "  each step's teacher / the law's optimum: " + ", ".join(f"{r:.2f}" for r in chain.step_ratios),
         ]
-        text += [f"  assistant {human(a['total_params'])}: e.g. {a['shape']}" for a in assistants if "shape" in a]
+        text += [f"  assistant {human(a['params'])}: e.g. {a['shape']}" for a in assistants if "shape" in a]
         text += [f"  note: {n}" for n in chain.notes]
 
     if args.teachers:  # the reverse question
-        named = [model_size(s.strip()) for s in args.teachers.split(",") if s.strip()]
+        named = [model_size(s.strip(), count) for s in args.teachers.split(",") if s.strip()]
         if not named:
             raise LawError(f"--teachers {args.teachers!r} names no teacher: give e.g. llama2-7b,llama2-13b,70e9")
         optimum, ranked = rank_teachers(student_params, [(n, p) for n, p, _ in named], law)
         pair = (student_params, optimum.params)
-        out["optimal_teacher"] = {"total_params": optimum.params, "form": optimum.form, "notes": list(optimum.notes)}
+        out["optimal_teacher"] = {"params": optimum.params, "form": optimum.form, "notes": list(optimum.notes)}
         out["teachers_ranked"] = [
-            {"name": t.name, "total_params": t.params, "ratio_to_optimum": t.ratio_to_optimum, "warning": t.warning}
+            {"name": t.name, "params": t.params, "ratio_to_optimum": t.ratio_to_optimum, "warning": t.warning}
             for t in ranked
         ]
         text += [f"student: {human(student_params)}; the law's optimal teacher: {human(optimum.params)}"]
