@@ -139,3 +139,32 @@ def test_active_params_count_top_k_of_the_experts():
     lm = tiny_moe_student(experts=8)
     experts = sum(p.numel() for n, p in lm.named_parameters() if ".experts." in n)
     assert count_params(lm) - count_params(lm, active=True) == experts - experts // 8
+
+
+def test_moe_recipes_are_minimoe_shapes_with_the_dense_active_size():
+    """llama2_7b_to_3b_moe: MiniMA-3B's shape with 4 FFN experts, top-1, gate-probability routing, the shared expert
+    off; tiny_moe: tiny_cpu's student likewise. Each has the dense recipe's active size (+ routers) and over twice
+    its parameters."""
+    from transformers import AutoConfig
+
+    from minima.arch import arch_from_hf_config
+    from minima.config import load_config
+    from minima.moe import SHARED_EXPERT_OFF
+
+    paths = ["teacher.path=/models/llama-2-7b", "data.dir=/data"]
+    for moe_recipe, dense_recipe, vocab in (
+        ("llama2_7b_to_3b_moe", "llama2_7b_to_3b", 32000),
+        ("tiny_moe", "tiny_cpu", 2048),
+    ):
+        archs = []
+        for recipe in (moe_recipe, dense_recipe):
+            fields = dict(load_config(recipe, paths if "7b" in recipe else []).student.arch)
+            config = AutoConfig.for_model(fields.pop("model_type"), vocab_size=vocab, **fields)
+            archs.append((config, arch_from_hf_config(config, recipe)))
+        (moe_config, moe), (_, dense) = archs
+        assert moe_config.model_type == "qwen2_moe" and moe_config.num_experts == 4
+        assert moe_config.num_experts_per_tok == 1 and moe_config.norm_topk_prob is False
+        assert moe_config.shared_expert_intermediate_size == SHARED_EXPERT_OFF and not moe_config.qkv_bias
+        assert moe_config.moe_intermediate_size == dense.intermediate_size
+        assert dense.total_params() < moe.active_params() < 1.005 * dense.total_params()
+        assert moe.total_params() > 2 * dense.total_params()
