@@ -15,12 +15,14 @@ Attention, norms, embeddings and the output head are the dense model's, bit for 
   a sub-network of the dense FFN. With ``calib`` the neurons are first put in order of importance on calibration
   data (``minima.importance``'s mask gradients), so the common block holds the most important ones; otherwise the
   stored order is used. The gate is initialised fresh, normal(0, ``initializer_range``) from ``seed``, as in MiniMoE.
-- **upcycle** (MiniMix, sparse upcycling): every expert is a copy of the whole dense FFN (``m = W``). The routing
-  scales the chosen expert's output by its gate probability, so by default the gate is zeros (every probability
-  exactly ``1 / E``) and every expert's down_proj is multiplied by ``E``: at initialisation the MoE model computes
-  the dense model's function, exactly in floating point when ``E`` is a power of two (multiplying by ``E`` and by
-  ``1 / E`` is then exact), and up to rounding otherwise. ``gate='normal'`` breaks the symmetry at the cost of
-  that equality.
+- **upcycle** (MiniMix, sparse upcycling): every expert is a copy of the whole dense FFN (``m = W``), and every
+  expert's down_proj is multiplied by ``E``, since the routing scales the chosen expert's output by its gate
+  probability (about ``1 / E`` at the start). The gate starts from normal(0, ``initializer_range``) as in split mode,
+  so the MoE starts near the dense model's function. ``gate='zeros'`` makes every probability exactly ``1 / E`` and
+  the MoE computes the dense model's function exactly (in floating point when ``E`` is a power of two: multiplying by
+  ``E`` and by ``1 / E`` is then exact; up to rounding otherwise), but then every token ties and goes to expert 0, and
+  the gate rows of the experts not yet chosen get identical gradients and stay tied among themselves until one of
+  them is chosen: routing spreads over the experts one at a time. Use it to check the conversion, not to train.
 
 transformers' Qwen2-MoE always builds a shared expert and its sigmoid gate; minima's MoE configs switch it off with
 ``shared_expert_intermediate_size = minima.moe.SHARED_EXPERT_OFF`` and zero weights, so it contributes exactly 0.
@@ -252,7 +254,7 @@ def moefy(
         top_k: experts per token (``num_experts_per_tok``), 1 as in MiniMoE.
         expert_size: ``m``, split only (upcycle's is the dense width); default the largest that fits.
         shared_fraction: split only, the common share of each expert, in [0, 1].
-        gate: router init, ``zeros`` or ``normal`` (default: ``normal`` for split, ``zeros`` for upcycle).
+        gate: router init, ``normal`` (the default) or ``zeros`` (upcycle: exactly the dense function, see above).
         seed: seeds a ``normal`` router.
         calib: split only: a prepared split (``<data>/train``) on which to order the neurons by importance first,
             with ``calib_windows`` windows of ``seq_len`` tokens (sampled with ``seed``), ``batch_size`` windows per
@@ -262,7 +264,7 @@ def moefy(
     dense_dir, out_dir = Path(dense_dir), Path(out_dir)
     if mode not in MODES:
         raise MoefyError(f"--mode {mode!r} is not one of {list(MODES)}")
-    gate = gate or ("zeros" if mode == "upcycle" else "normal")
+    gate = gate or "normal"
     if gate not in GATES:
         raise MoefyError(f"--gate {gate!r} is not one of {list(GATES)}")
     if num_experts < 2:

@@ -88,7 +88,7 @@ def inputs() -> torch.Tensor:
 @pytest.mark.parametrize("name", list(DENSE))
 @pytest.mark.parametrize("experts", [2, 4])
 def test_upcycle_reproduces_the_dense_logits_exactly(name, experts, dense_dirs, tmp_path):
-    record = moefy(dense_dirs[name], tmp_path / "moe", num_experts=experts, mode="upcycle")
+    record = moefy(dense_dirs[name], tmp_path / "moe", num_experts=experts, mode="upcycle", gate="zeros")
     assert record["exact_at_init"] and record["gate_init"] == "zeros" and record["down_proj_scale"] == experts
     dense, moe = load(dense_dirs[name]), load(tmp_path / "moe")
     assert moe.config.model_type == "qwen2_moe" and moe.config.qkv_bias == (name == "qwen2")
@@ -102,11 +102,25 @@ def test_upcycle_reproduces_the_dense_logits_exactly(name, experts, dense_dirs, 
 
 def test_upcycle_with_three_experts_is_equal_up_to_rounding(dense_dirs, tmp_path):
     """1/3 is not a float: the dense function holds to rounding (max |diff| ~6e-8 on these logits of size ~1)."""
-    record = moefy(dense_dirs["llama"], tmp_path / "moe", num_experts=3, mode="upcycle")
+    record = moefy(dense_dirs["llama"], tmp_path / "moe", num_experts=3, mode="upcycle", gate="zeros")
     assert not record["exact_at_init"]
     with torch.no_grad():
         want, got = load(dense_dirs["llama"])(inputs()).logits, load(tmp_path / "moe")(inputs()).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_upcycle_by_default_starts_near_the_dense_function_with_a_random_gate(dense_dirs, tmp_path):
+    """The default gate, normal(0, 0.02), breaks the zero gate's ties (every token on expert 0): tokens spread over
+    the experts, and the logits stay near the dense model's (each expert's output is E * p * FFN, p ~ 1/E)."""
+    record = moefy(dense_dirs["llama"], tmp_path / "moe", num_experts=4, mode="upcycle")
+    assert record["gate_init"].startswith("normal") and not record["exact_at_init"]
+    dense, moe = load(dense_dirs["llama"]), load(tmp_path / "moe")
+    with torch.no_grad():
+        want, got = dense(inputs()).logits, moe(inputs(), output_router_logits=True)
+    chosen = torch.cat([r.argmax(-1) for r in got.router_logits])
+    assert len(chosen.unique()) > 1
+    assert not torch.equal(want, got.logits)
+    assert float((got.logits - want).norm() / want.norm()) < 0.2
 
 
 def test_sliding_window_layers_stay_sliding(dense_dirs, tmp_path):

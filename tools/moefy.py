@@ -8,8 +8,9 @@ the same with the neurons first put in order of importance on calibration data (
 
     python tools/moefy.py --dense /ckpt/minima-3b --experts 8 --calib /data/minima-pretrain/train --out DIR
 
-MiniMix / sparse upcycling: every expert a copy of the dense FFN, gate zeros and down_proj times E, so the student
-computes the dense model's function at initialisation (exactly when E is a power of two):
+MiniMix / sparse upcycling: every expert a copy of the dense FFN and its down_proj times E, so the student starts near
+the dense model's function (exactly, with --gate zeros, when E is a power of two; for checking, not training: every
+token then ties on expert 0):
 
     python tools/moefy.py --dense /ckpt/minima-3b --experts 4 --mode upcycle --out DIR
 
@@ -56,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         help="split: share of each expert copied from the common first neurons (default 2/3)",
     )
     parser.add_argument(
-        "--gate", choices=GATES, help="router init (default: normal(0, initializer_range) for split, zeros for upcycle)"
+        "--gate",
+        choices=GATES,
+        help="router init (default normal(0, initializer_range)); zeros with upcycle: exactly the dense function,"
+        " but every token ties on expert 0 at the start",
     )
     parser.add_argument("--seed", type=int, default=0, help="seeds a normal router and the calibration windows")
     parser.add_argument("--calib", metavar="SPLIT", help="split: order FFN neurons by importance on e.g. DATA/train")
