@@ -302,8 +302,8 @@ def _param_counts(student, teacher, log) -> tuple[int, int, int, float]:
     n = [count_params(m.module) if m is not None else 0 for m in (student, teacher)]
     active = [count_params(m.module, active=True) if m is not None else 0 for m in (student, teacher)]
     log.info(
-        f"student {n[0] / 1e6:.2f}M params (without input embedding; {active[0] / 1e6:.2f}M active per token),"
-        f" teacher {n[1] / 1e6:.2f}M ({active[1] / 1e6:.2f}M active)"
+        f"student {n[0] / 1e6:.2f}M params (without input embedding), {active[0] / 1e6:.2f}M active per token;"
+        f" teacher {n[1] / 1e6:.2f}M, {active[1] / 1e6:.2f}M active"
     )
     return (
         n[0],
