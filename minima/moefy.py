@@ -36,9 +36,7 @@ recording how it was made (source, mode, E, top-k, m, s, gate init, scale, seed,
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -46,10 +44,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Qwen2MoeConfig
 
-from minima.files import apply_umask
 from minima.models import count_params, has_weights
 from minima.moe import SHARED_EXPERT_OFF
-from minima.prune import FAMILY, TOKENIZER_FILES, stored_dtype
+from minima.prune import FAMILY, save_model_dir, stored_dtype
 
 MODES = ("split", "upcycle")
 GATES = ("zeros", "normal")
@@ -346,15 +343,5 @@ def moefy(
 
 
 def write_moe(student: torch.nn.Module, dense_dir: Path, out_dir: Path, record: dict[str, Any]) -> None:
-    """``save_pretrained`` (safetensors), the dense model's tokenizer files and ``moefy.json``, written to a temporary
-    sibling first so a crash never leaves a half-written checkpoint at ``out_dir``."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (dense_dir / name).is_file():
-            shutil.copy2(dense_dir / name, tmp / name)
-    (tmp / "moefy.json").write_text(json.dumps(record, indent=1))
-    apply_umask(tmp)  # safetensors writes 0600: readable by the group as the rest of the run directory
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    """The MoE directory with the dense model's tokenizer and ``moefy.json``, crash-safe (minima.prune's writer)."""
+    save_model_dir(student, dense_dir, out_dir, "moefy.json", record)

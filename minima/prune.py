@@ -520,13 +520,19 @@ def write_student(
     student.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         student.tie_weights()
+    save_model_dir(student, teacher_dir, out_dir, "pruning.json", summary)
+
+
+def save_model_dir(model: torch.nn.Module, source_dir: Path, out_dir: Path, record_name: str, record: dict) -> None:
+    """``save_pretrained`` (safetensors), the source model's tokenizer files and a JSON record of how the model was
+    made, written to a temporary sibling first so a crash never leaves a half-written checkpoint at ``out_dir``."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True)
     for name in TOKENIZER_FILES:
-        if (teacher_dir / name).is_file():
-            shutil.copy2(teacher_dir / name, tmp / name)
-    (tmp / "pruning.json").write_text(json.dumps(summary, indent=1))
+        if (source_dir / name).is_file():
+            shutil.copy2(source_dir / name, tmp / name)
+    (tmp / record_name).write_text(json.dumps(record, indent=1))
     apply_umask(tmp)  # safetensors writes 0600: readable by the group as the rest of the run directory
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
