@@ -150,6 +150,27 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class MixupConfig:
+    """MixKD: also distil on mixed-up pairs of sequences of a micro-batch (minima.mixup has the objective)."""
+
+    enabled: bool = False
+    """Train on mixed-up copies of micro-batches (needs run.micro_batch_size >= 2: pairs are formed within one)."""
+    prob: float = 1.0
+    """Probability that a micro-batch is also trained on its mixed-up copy (drawn per micro-batch)."""
+    alpha: float = 0.4
+    """lambda ~ Beta(alpha, alpha), one per mixed micro-batch (small alpha: mostly near 0 or 1)."""
+    weight: float = 1.0
+    """Weight of a mixed token's terms (student mixup CE and KD on the mixed input) relative to an original
+    token's CE + KD; the step's normalising count weighs the mixed tokens the same way."""
+
+    def __post_init__(self) -> None:
+        _in_range("kd.mixup.prob", self.prob, 0.0, 1.0)
+        _positive("kd.mixup.alpha", self.alpha)
+        if not 0 <= self.weight < math.inf:
+            raise ConfigError(f"kd.mixup.weight must be >= 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
 class KDConfig:
     """Token-level distillation: ``ce_weight * CE + kd_weight * T^2 * D(p_teacher^T, p_student^T)`` per token."""
 
@@ -173,6 +194,8 @@ class KDConfig:
     balance_weight: float = 0.01
     """Weight of an MoE student's load-balancing loss (Switch's, per sequence, averaged over layers; each sequence
     weighted by its valid tokens: minima.moe). Ignored for a dense student."""
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    """MixKD (off by default): kd.mixup.enabled=true also trains on mixed-up sequence pairs."""
 
     def __post_init__(self) -> None:
         if self.ce_weight < 0 or self.kd_weight < 0 or self.ce_weight + self.kd_weight == 0:
@@ -275,6 +298,11 @@ class Config:
     """Length, batch, logging, evaluation and checkpoints."""
 
     def __post_init__(self) -> None:
+        if self.kd.mixup.enabled and self.run.micro_batch_size < 2:
+            raise ConfigError(
+                "kd.mixup.enabled=true mixes pairs of sequences within a micro-batch, but run.micro_batch_size="
+                f"{self.run.micro_batch_size}: give run.micro_batch_size >= 2 (and tokens_per_step to match)"
+            )
         if self.run.epochs is not None and self.data.sources is not None and len(self.data.sources) > 1:
             raise ConfigError(
                 "run.epochs counts passes over one source; with a mixture of data.sources give run.total_tokens"

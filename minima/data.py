@@ -41,13 +41,16 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from minima.order import Mixture, permute, window_key
 from minima.shards import FLAG_LABEL, FLAG_START, IGNORE_INDEX, INDEX_FILE, DataError, TokenShards
+
+if TYPE_CHECKING:
+    from minima.mixup import Mix
 
 DOCUMENT_MODES = ("auto", "off", "bos", "isolated")
 _LOG = logging.getLogger("minima")
@@ -64,16 +67,21 @@ class Batch:
             those predicting an assistant reply; see the document modes).
         position_ids: (B, T) int64 positions within each packed sequence (restarting at 0 where one starts), or
             None: one sequence per row, the models' default positions.
+        mix: MixKD's pairs and lambda when this micro-batch also trains on mixed-up copies (``minima.mixup``).
+        candidate: which of MiniDisc's candidate assistants the student runs as (``minima.candidates``): a sandwich
+            step repeats each micro-batch once per candidate, consecutively; None = the whole student.
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor | None = None
+    mix: Mix | None = None
+    candidate: int | None = None
 
     def pin_memory(self) -> Batch:
         """The same batch in page-locked host memory (for asynchronous copies to a GPU)."""
         pinned = (None if t is None else t.pin_memory() for t in (self.input_ids, self.labels, self.position_ids))
-        return Batch(*pinned)
+        return Batch(*pinned, mix=self.mix, candidate=self.candidate)
 
 
 @dataclass

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from minima.arch import ArchError, arch_from_hf_config
+from minima.candidates import CandidateMasks, attach_candidates, sandwich
 from minima.card import model_card
 from minima.checkpoint import load_checkpoint, plan_resume, resume_ds_config, save_checkpoint
 from minima.config import Config, ConfigError, KDConfig, derive, load_config, load_ds_config, recipe_names
@@ -45,9 +46,10 @@ from minima.data import Batch, Source, TokenWindowLoader, check_packing, count_w
 from minima.dist import World, all_reduce_max, all_reduce_sum, init_world, shutdown
 from minima.early_stop import EarlyStopping
 from minima.files import tree_bytes, write_atomic
-from minima.losses import kd_loss_from_hidden
+from minima.losses import kd_loss_from_hidden, row_tokens
 from minima.memory import choose as choose_placement
 from minima.memory import format_choice, job_for
+from minima.mixup import draw_mixes, mixed_targets
 from minima.models import (
     add_neftune,
     check_head_path,
@@ -59,7 +61,7 @@ from minima.models import (
 )
 from minima.moe import add_router_jitter, routing_scalars
 from minima.monitor import Monitor, device_memory_bytes, peak_flops, peak_memory_gb, setup_logging
-from minima.shards import IGNORE_INDEX, DataError, TokenShards
+from minima.shards import DataError, TokenShards
 
 # torch.distributed deprecations raised from inside DeepSpeed on every collective: not actionable here.
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
@@ -92,14 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_REQUEUE if "stopped_at_step" in result else 0
 
 
-def train(cfg: Config, world: World, *, dry_run: bool = False) -> dict:
+def train(cfg: Config, world: World, *, dry_run: bool = False, candidates: CandidateMasks | None = None) -> dict:
     """Run (or resume) one training job; returns the final metrics written to <out_dir>/metrics.json, or
-    ``{"stopped_at_step": step, ...}`` when a stop was requested (signal or STOP file) and a checkpoint saved."""
+    ``{"stopped_at_step": step, ...}`` when a stop was requested (signal or STOP file) and a checkpoint saved.
+
+    ``candidates`` (MiniDisc, ``tools/schedule_assistant.py``): the student is the teacher's shape and every
+    micro-batch runs once per candidate assistant (a sandwich step: the loss is the mean of the candidates' losses,
+    through the one normalisation by the step's valid tokens, each candidate's counted once); the export holds the
+    shared weights, from which ``minima.candidates`` scores and slices the candidates."""
     with _StopFlag(Path(cfg.run.out_dir) / STOP_FILE, world.is_main) as stop:  # caught from the first moment
-        return _train(cfg, world, stop, dry_run=dry_run)
+        return _train(cfg, world, stop, dry_run=dry_run, candidates=candidates)
 
 
-def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict:
+def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool, candidates: CandidateMasks | None) -> dict:
     from minima import engine as ds  # the only module that imports deepspeed
 
     out_dir = Path(cfg.run.out_dir)
@@ -126,7 +133,8 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
     dtype = torch.bfloat16 if bf16 else torch.float32
     attn = choose_attn_implementation(cfg.run.attn_implementation, world.device)
     compiled = cfg.kd.compile == "always" or (cfg.kd.compile == "auto" and world.device.type == "cuda")
-    student_ds = ds.student_ds_config(cfg, derived, load_ds_config(cfg.run.ds_config, "run.ds_config"), bf16)
+    base_ds, repeats = load_ds_config(cfg.run.ds_config, "run.ds_config"), len(candidates or ()) or 1
+    student_ds = ds.student_ds_config(cfg, derived, base_ds, bf16, repeats=repeats)  # a sandwich: C micro-steps each
     # Which checkpoint to continue from, decided (and converted for another world size) before any model is built.
     resume = plan_resume(
         out_dir,
@@ -153,20 +161,10 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
             gpus_per_node=world.local_world_size,
             path=cfg.run.teacher_ds_config,
         )
-    resolved = {
-        "config": cfg.to_dict(),
-        "derived": vars(derived),
-        "runtime": {
-            "dtype": str(dtype),
-            "attn_implementation": attn,
-            "device": str(world.device),
-            "teacher_placement": placement if cfg.teacher else None,
-            "compiled_loss": compiled,
-        },
-        "memory_plan": plan,
-        "student_ds_config": student_ds,
-        "teacher_ds_config": teacher_ds,
-    }
+    runtime = {"dtype": str(dtype), "attn_implementation": attn, "device": str(world.device), "compiled_loss": compiled}
+    runtime |= {"teacher_placement": placement if cfg.teacher else None, "sandwich_candidates": len(candidates or ())}
+    resolved = {"config": cfg.to_dict(), "derived": vars(derived), "runtime": runtime, "memory_plan": plan}
+    resolved |= {"student_ds_config": student_ds, "teacher_ds_config": teacher_ds}
     if world.is_main:
         print(json.dumps(resolved, indent=2, default=str), file=sys.stderr)
         if not dry_run:
@@ -195,6 +193,8 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
     if cfg.optim.router_jitter > 0:
         add_router_jitter(student_model, cfg.optim.router_jitter)
     student = ds.init_student(student_model, cfg, derived, student_ds)
+    if candidates is not None:
+        attach_candidates(student, candidates)
     n_student, n_teacher, n_active, flops_per_token = _param_counts(student, teacher, log)
     # The chunked loss computes logits as hidden @ head^T: check that this is what each model does, on a few tokens.
     probe = next(eval_batches(valid_splits[0], seq_len=cfg.data.seq_len, micro_batch_size=1, max_windows=1))
@@ -238,6 +238,8 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool) -> dict
     about |= {"teacher_val_loss": teacher_val_loss}
     while step < derived.total_steps and not early.stopped:
         micro_batches = [next(loader) for _ in range(derived.grad_accum_steps)]
+        micro_batches = draw_mixes(micro_batches, cfg.kd.mixup, key=(cfg.data.seed, step, world.rank))  # MixKD
+        micro_batches = sandwich(micro_batches, candidates)  # MiniDisc: each micro-batch once per candidate
         window += train_step(
             student, teacher, micro_batches, cfg.kd, vocab_size=vocab_len, world=world, compiled=compiled
         )
@@ -467,29 +469,37 @@ def train_step(
     # over ranks (divides by world_size) and, by default, divides every micro-batch loss by the accumulation steps.
     # With scale_wrt_gas=False and each micro-batch's backward on  loss_sum * world_size / N :
     #   (1 / world_size) * sum_ranks sum_mb grad(loss_sum * world_size / N) = grad(sum loss_sum / N).
-    num_valid_local = sum(int((mb.labels != IGNORE_INDEX).sum()) for mb in micro_batches)  # host labels: no sync
-    num_valid = float(all_reduce_sum([num_valid_local], world.device)[0])
+    # Each micro-batch's targets, and its rows' valid tokens: a MixKD micro-batch's mixed rows count with their
+    # weights (minima.mixup). Host labels: no device sync.
+    targets = [mixed_targets(mb.labels, mb.mix, kd.mixup.weight) for mb in micro_batches]
+    row_valid = [row_tokens(t) for t in targets]
+    num_valid = float(all_reduce_sum([float(sum(r.sum() for r in row_valid))], world.device)[0])
     student_head = output_head(student)
     teacher_head = output_head(teacher) if teacher is not None else None
     sums = torch.zeros(6, dtype=torch.float64, device=world.device)
-    for mb in micro_batches:
+    teacher_hidden, previous = None, None
+    for mb, target, valid in zip(micro_batches, targets, row_valid, strict=True):
         input_ids = _to_device(mb.input_ids, world.device)
         positions = None if mb.position_ids is None else _to_device(mb.position_ids, world.device)  # packed chats
-        teacher_hidden = None
-        if teacher is not None:
+        # With a mix, each model runs 2B rows: the originals, then its own mixed embeddings. A sandwich repeats each
+        # micro-batch once per candidate, and its one teacher forward serves them all.
+        if teacher is not None and mb.input_ids is not previous:
             with torch.no_grad():
-                teacher_hidden = teacher(input_ids, position_ids=positions)  # (B, T, H_t): the decoder only
+                teacher_hidden = teacher(input_ids, position_ids=positions, mix=mb.mix)  # (B, T, H_t): decoder only
+        previous = mb.input_ids
         # The student engine returns its hidden states and its head (whole inside the block under ZeRO-3), so every
         # gradient, the head's included, flows back through the engine's outputs. The loss never holds more than
         # one chunk of logits; the backward runs inside the block so the head's gradient is reduced there.
         with gathered([student_head]):
             # (B, T, H_s), (V_s, H_s), (B,): each sequence's balancing loss (an MoE student; 0 for a dense one)
-            student_hidden, head, balance = student(input_ids, student_head, position_ids=positions)
+            student_hidden, head, balance = student(
+                input_ids, student_head, position_ids=positions, mix=mb.mix, candidate=mb.candidate
+            )
             with gathered([teacher_head]):
                 terms = kd_loss_from_hidden(
                     student_hidden,
                     head,
-                    mb.labels,  # on the host: finding the valid positions costs no device sync
+                    target,  # on the host: finding the valid positions costs no device sync
                     teacher_hidden,
                     teacher_head,
                     **kd.loss_kwargs(),
@@ -498,8 +508,7 @@ def train_step(
                     compiled=compiled,
                 )
             # A sum like the others: each sequence's balancing loss weighted by its valid tokens (minima.moe).
-            seq_valid = _to_device((mb.labels != IGNORE_INDEX).sum(dim=1).float(), world.device)
-            balance_sum = (balance * seq_valid).sum()
+            balance_sum = (balance * _to_device(valid.float(), world.device)).sum()
             loss_sum = terms.loss_sum + kd.balance_weight * balance_sum
             student.backward(loss_sum * world.world_size / max(num_valid, 1.0), scale_wrt_gas=False)
         student.step()  # DeepSpeed updates only at the accumulation boundary

@@ -48,9 +48,10 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def student_ds_config(cfg: Config, derived: Derived, base: dict, bf16: bool) -> dict[str, Any]:
+def student_ds_config(cfg: Config, derived: Derived, base: dict, bf16: bool, repeats: int = 1) -> dict[str, Any]:
     """The student engine's config: the JSON's engine settings (ZeRO stage 1, 2 or 3, buckets, offload) plus the keys
-    minima derives (batch, clipping, precision)."""
+    minima derives (batch, clipping, precision). ``repeats``: forward/backward passes per micro-batch (MiniDisc's
+    sandwich runs one per candidate), each an accumulation micro-step for DeepSpeed."""
     stage = zero_stage(base)
     if stage not in STUDENT_STAGES:
         raise ConfigError(
@@ -63,6 +64,8 @@ def student_ds_config(cfg: Config, derived: Derived, base: dict, bf16: bool) -> 
         **derived.ds_batch_keys(cfg.run.micro_batch_size),
         "gradient_clipping": cfg.optim.grad_clip,
     }
+    config["gradient_accumulation_steps"] *= repeats
+    config["train_batch_size"] *= repeats
     if bf16 and "data_types" not in base:
         # ZeRO accumulates gradients in the engine dtype unless told otherwise; over tens of micro-batches bf16
         # partial sums lose ~1e-2 relative. DeepSpeed's own setting keeps the accumulator in fp32 (at stage 1 it

@@ -53,7 +53,32 @@ class LossSums:
     num_tokens: torch.Tensor
     """Valid tokens (int64 scalar)."""
     top1_agree: torch.Tensor
-    """Valid tokens where the teacher's and the student's most likely next token agree (int64; 0 without a teacher)."""
+    """Valid tokens where the teacher's and the student's most likely next token agree (a count as a float, weighted
+    like the other sums by :class:`Targets`; 0 without a teacher)."""
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Weighted next-token targets for the rows of a micro-batch: one or more sets of labels, each (R, T) with one
+    weight per row (R,). The loss is  sum over sets, rows and valid positions of  weight_row * loss_t, and every
+    returned sum (loss, ce, kd, agreement) is weighted the same way. Plain labels are one set of weight 1.
+
+    MixKD (``minima.mixup``) uses two sets: a mixed row predicts the next tokens of both sequences it mixes, with
+    weights lambda and 1 - lambda (times ``kd.mixup.weight``).
+    """
+
+    sets: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    def row_tokens(self) -> torch.Tensor:
+        """(R,) float64: each row's valid positions, counted with their weights (what the loss sums over)."""
+        return sum((labels != IGNORE_INDEX).sum(dim=1).double() * w.double() for labels, w in self.sets)
+
+
+def row_tokens(labels: torch.Tensor | Targets) -> torch.Tensor:
+    """(R,) float64 valid positions per row of ``labels`` (B, T), or of weighted :class:`Targets`."""
+    if isinstance(labels, Targets):
+        return labels.row_tokens()
+    return (labels != IGNORE_INDEX).sum(dim=1).double()
 
 
 @dataclass(frozen=True)
@@ -69,13 +94,22 @@ class _Spec:
 
 
 def _terms(
-    s_logits: torch.Tensor, t_logits: torch.Tensor | None, targets: torch.Tensor, spec: _Spec, vocab_size: int
+    s_logits: torch.Tensor,
+    t_logits: torch.Tensor | None,
+    targets: torch.Tensor,
+    spec: _Spec,
+    vocab_size: int,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, ce, kd, top-1 agreement) sums for (n, V_s) student and (n, >= vocab_size) teacher fp32 logits."""
-    ce = F.cross_entropy(s_logits, targets, reduction="sum")
+    """(loss, ce, kd, top-1 agreement) sums for (n, V_s) student and (n, >= vocab_size) teacher fp32 logits, each
+    row weighted by ``weights`` (n,) when given."""
+    if weights is None:
+        ce = F.cross_entropy(s_logits, targets, reduction="sum")
+    else:
+        ce = (F.cross_entropy(s_logits, targets, reduction="none") * weights).sum()
     if t_logits is None:
         zero = torch.zeros((), dtype=s_logits.dtype, device=s_logits.device)
-        return ce, ce.detach(), zero, zero.long()
+        return ce, ce.detach(), zero, zero
     s_shared, t_shared = s_logits[:, :vocab_size], t_logits[:, :vocab_size]
     kd = token_divergence(
         s_shared,
@@ -84,8 +118,11 @@ def _terms(
         temperature=spec.temperature,
         beta=spec.beta,
         alpha=spec.alpha,
-    ).sum()
-    agree = (s_shared.argmax(-1) == t_shared.argmax(-1)).sum()
+    )
+    agree = (s_shared.argmax(-1) == t_shared.argmax(-1)).to(s_logits.dtype)
+    if weights is not None:
+        kd, agree = kd * weights, agree * weights
+    kd, agree = kd.sum(), agree.sum()
     return spec.ce_weight * ce + spec.kd_weight * kd, ce.detach(), kd.detach(), agree
 
 
@@ -147,16 +184,22 @@ def default_chunk_tokens(vocab_size: int, compiled: bool = False) -> int:
 
 
 def _chunk_loss_and_grad(
-    s_logits: torch.Tensor, t_logits: torch.Tensor | None, targets: torch.Tensor, spec: _Spec, vocab_size: int
+    s_logits: torch.Tensor,
+    t_logits: torch.Tensor | None,
+    targets: torch.Tensor,
+    spec: _Spec,
+    vocab_size: int,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """(d loss / d s_logits, loss, ce, kd, agreement) for one chunk: all the elementwise work, no matmul.
+    """(d loss / d s_logits, loss, ce, kd, agreement) for one chunk: all the elementwise work, no matmul. Rows
+    weighted by ``weights`` (n,) when given.
 
     Forward KL (the MiniMA objective) and plain CE take the closed form; the other divergences autograd's."""
     if t_logits is None or spec.divergence == "forward_kl":
-        return _forward_kl_loss_and_grad(s_logits, t_logits, targets, spec, vocab_size)
+        return _forward_kl_loss_and_grad(s_logits, t_logits, targets, spec, vocab_size, weights)
 
     def loss_fn(s):
-        loss, ce, kd, agree = _terms(s, t_logits, targets, spec, vocab_size)
+        loss, ce, kd, agree = _terms(s, t_logits, targets, spec, vocab_size, weights)
         return loss, (ce, kd, agree)
 
     grad, (loss, (ce, kd, agree)) = torch.func.grad_and_value(loss_fn, has_aux=True)(s_logits)
@@ -164,7 +207,12 @@ def _chunk_loss_and_grad(
 
 
 def _forward_kl_loss_and_grad(
-    s_logits: torch.Tensor, t_logits: torch.Tensor | None, targets: torch.Tensor, spec: _Spec, vocab_size: int
+    s_logits: torch.Tensor,
+    t_logits: torch.Tensor | None,
+    targets: torch.Tensor,
+    spec: _Spec,
+    vocab_size: int,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The chunk's loss terms and d loss / d s_logits for CE + forward KL in closed form, a few passes over (c, V).
 
@@ -172,19 +220,23 @@ def _forward_kl_loss_and_grad(
     CE = lse(s) - s_y;  KL(p || q_T) = sum p (t - s) / T - lse(t / T) + lse(s / T);  d loss / d s =
     ce_weight (q - onehot(y)) + kd_weight T (q_T - p) (the T^2 of the KD term times the 1 / T of s / T). Generic
     autograd over the same terms keeps about ten (c, V) tensors alive and makes about three times the passes; this
-    keeps three or four.
+    keeps three or four. Row weights ``w`` (MixKD's targets) scale each row's terms and its gradient row.
     """
+    w = weights
     rows = torch.arange(s_logits.shape[0], device=s_logits.device)
     s_max = s_logits.amax(-1, keepdim=True)
     q = torch.sub(s_logits, s_max).exp_()  # (c, V_s), softmax(s) once normalised
     z = q.sum(-1, keepdim=True)
     lse = (s_max + z.log()).squeeze(1)
-    ce = (lse - s_logits[rows, targets]).sum()
+    ce_rows = lse - s_logits[rows, targets]
+    ce = (ce_rows if w is None else ce_rows * w).sum()
     q.div_(z)
     if t_logits is None:
         q.index_put_((rows, targets), torch.tensor(-1.0, dtype=q.dtype, device=q.device), accumulate=True)
+        if w is not None:
+            q.mul_(w[:, None])
         zero = torch.zeros((), dtype=s_logits.dtype, device=s_logits.device)
-        return q, ce, ce.detach(), zero, zero.long()
+        return q, ce, ce.detach(), zero, zero
     v, T = vocab_size, spec.temperature
     s_v, t_v = s_logits[:, :v], t_logits[:, :v]
     t_max = t_v.amax(-1, keepdim=True)
@@ -203,8 +255,11 @@ def _forward_kl_loss_and_grad(
         lse_s = (sv_max / T + zs.log()).squeeze(1)
     # sum p (t - s) as two row dot products: no (c, v) temporary
     p_dot = torch.einsum("ij,ij->i", p, t_v) - torch.einsum("ij,ij->i", p, s_v)
-    kd = (T * T) * (p_dot / T - lse_t + lse_s).sum()
-    agree = (s_v.argmax(-1) == t_v.argmax(-1)).sum()
+    kd_rows = (T * T) * (p_dot / T - lse_t + lse_s)
+    agree_rows = (s_v.argmax(-1) == t_v.argmax(-1)).to(s_logits.dtype)
+    if w is not None:
+        kd_rows, agree_rows = kd_rows * w, agree_rows * w
+    kd, agree = kd_rows.sum(), agree_rows.sum()
     ce_w, kd_w = spec.ce_weight, spec.kd_weight
     if same:
         grad = q.mul_(ce_w + kd_w * T).sub_(p, alpha=kd_w * T)
@@ -212,6 +267,8 @@ def _forward_kl_loss_and_grad(
         grad = q.mul_(ce_w)
         grad[:, :v].add_(q_t.sub_(p), alpha=kd_w * T)
     grad.index_put_((rows, targets), torch.tensor(-ce_w, dtype=q.dtype, device=q.device), accumulate=True)
+    if w is not None:
+        grad.mul_(w[:, None])
     loss = ce_w * ce + kd_w * kd
     return grad, loss, ce.detach(), kd.detach(), agree
 
@@ -240,14 +297,27 @@ def _accumulate_head_grad(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -
 
 
 def _chunked_sums(
-    s_hidden, s_weight, t_hidden, t_weight, rows, targets, spec, vocab_size, chunk_tokens, compiled, need_h, need_w
+    s_hidden,
+    s_weight,
+    t_hidden,
+    t_weight,
+    rows,
+    targets,
+    weights,
+    spec,
+    vocab_size,
+    chunk_tokens,
+    compiled,
+    need_h,
+    need_w,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(sums of loss, ce, kd, agreement; d loss / d s_hidden or None; d loss / d s_weight or None), chunk by chunk.
 
     Without gradients (``need_h`` and ``need_w`` false: evaluation, or autograd off) only the values are computed and
     nothing of the hidden states' or the head's size is allocated.
     """
-    # s_hidden (N, H_s) every position; rows (n,) the valid positions; targets (n,) their next tokens.
+    # s_hidden (N, H_s) every position; rows (n,) the valid positions (a row may repeat, once per set of Targets);
+    # targets (n,) their next tokens; weights (n,) or None.
     grad_h = torch.zeros_like(s_hidden) if need_h else None
     # fp32 whatever the head's dtype: chunk after chunk adds into it, and bf16 partial sums would lose ~1e-2
     # relative over tens of chunks. Cast to the head's dtype once, at the end.
@@ -260,14 +330,15 @@ def _chunked_sums(
         t_logits = None if t_hidden is None else _head_logits(t_hidden[r], t_weight)  # (c, V_t) fp32
         s_logits = _head_logits(h, s_weight)  # (c, V_s) fp32
         y = targets[start : start + chunk_tokens]
+        w = None if weights is None else weights[start : start + chunk_tokens].to(s_logits.dtype)
         if not (need_h or need_w):
-            loss, ce, kd, agree = _terms(s_logits, t_logits, y, spec, vocab_size)
+            loss, ce, kd, agree = _terms(s_logits, t_logits, y, spec, vocab_size, w)
         else:
             step = _compiled_chunk_loss_and_grad() if compiled else _chunk_loss_and_grad
-            g, loss, ce, kd, agree = step(s_logits, t_logits, y, spec, vocab_size)  # g: d loss / d logits, fp32
+            g, loss, ce, kd, agree = step(s_logits, t_logits, y, spec, vocab_size, w)  # g: d loss / d logits, fp32
             g = g.to(s_weight.dtype)
             if need_h:
-                grad_h.index_copy_(0, r, (g @ s_weight).to(grad_h.dtype))  # (c, H_s), one matmul per row
+                grad_h.index_add_(0, r, (g @ s_weight).to(grad_h.dtype))  # (c, H_s), one matmul per row
             if need_w:
                 _accumulate_head_grad(grad_w, g, h.to(s_weight.dtype))  # (V_s, H_s) += (V_s, c) @ (c, H_s)
         sums += torch.stack([loss.detach().double(), ce.double(), kd.double(), agree.double()])
@@ -280,7 +351,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     """Loss sums from hidden states and heads, chunk by chunk; gradients computed in forward, scaled in backward."""
 
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, rows, targets, spec, vocab_size, chunk_tokens, compiled):
+    def forward(
+        ctx, s_hidden, s_weight, t_hidden, t_weight, rows, targets, weights, spec, vocab_size, chunk_tokens, compiled
+    ):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         sums, grad_h, grad_w = _chunked_sums(
             s_hidden,
@@ -289,6 +362,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             t_weight,
             rows,
             targets,
+            weights,
             spec,
             vocab_size,
             chunk_tokens,
@@ -312,19 +386,19 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             grad_h.mul_(grad_loss.to(grad_h.dtype))
         if grad_w is not None:
             grad_w.mul_(grad_loss.to(grad_w.dtype))
-        return grad_h, grad_w, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
 
 
 def _split_sums(sums: torch.Tensor, hidden_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """(loss, ce, kd) as fp32 (fp64 for fp64 inputs) scalars and the agreement count as int64."""
+    """(loss, ce, kd, agreement count) as fp32 (fp64 for fp64 inputs) scalars."""
     dtype = torch.float64 if hidden_dtype == torch.float64 else torch.float32
-    return sums[0].to(dtype), sums[1].to(dtype), sums[2].to(dtype), sums[3].long()
+    return sums[0].to(dtype), sums[1].to(dtype), sums[2].to(dtype), sums[3].to(dtype)
 
 
 def kd_loss_from_hidden(
     student_hidden: torch.Tensor,
     student_head: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | Targets,
     teacher_hidden: torch.Tensor | None = None,
     teacher_head: torch.Tensor | None = None,
     *,
@@ -350,6 +424,7 @@ def kd_loss_from_hidden(
         student_head: (V_s, H_s) the student's output embedding (lm_head weight); logits = hidden @ head^T.
         labels: (B, T) int64 next-token ids, IGNORE_INDEX where masked; best left on the CPU (where the loaders give
             them) when the hidden states are on a GPU: finding the valid positions then needs no synchronisation.
+            Or weighted :class:`Targets` (MixKD): then every sum is weighted and ``num_tokens`` is the weighted count.
         teacher_hidden: (B, T, H_t) the teacher's last hidden states, or None for plain LM training.
         teacher_head: (V_t, H_t) the teacher's output embedding.
         ce_weight, kd_weight: weights of the two terms.
@@ -371,14 +446,12 @@ def kd_loss_from_hidden(
     device = student_hidden.device
     # The valid positions are found where the labels are: labels still on the CPU (as the loaders give them) cost
     # no device-to-host synchronisation; the chunk loop needs their count on the host either way.
-    flat_labels = labels.reshape(-1)
-    rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # (n,) valid positions
-    targets = flat_labels[rows]
-    num_tokens = rows.numel()
+    rows, targets, weights = _valid_positions(labels)
+    num_tokens = torch.full((), rows.numel(), dtype=torch.long) if weights is None else weights.double().sum()
     if rows.device != device:
         pin = device.type == "cuda"
-        rows = (rows.pin_memory() if pin else rows).to(device, non_blocking=pin)
-        targets = (targets.pin_memory() if pin else targets).to(device, non_blocking=pin)
+        rows, targets = [(t.pin_memory() if pin else t).to(device, non_blocking=pin) for t in (rows, targets)]
+        weights = None if weights is None else (weights.pin_memory() if pin else weights).to(device, non_blocking=pin)
     s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])  # (N, H_s)
     t_hidden = None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
     t_head = None if teacher_head is None else teacher_head.detach()
@@ -389,6 +462,7 @@ def kd_loss_from_hidden(
         t_head,
         rows,
         targets,
+        weights,
         spec,
         vocab_size,
         chunk_tokens or default_chunk_tokens(max(v_s, vocab_size), compiled),
@@ -401,4 +475,20 @@ def kd_loss_from_hidden(
         # compute and hold the gradients (a (V, H) head gradient per call in evaluation).
         sums, _, _ = _chunked_sums(*args, need_h=False, need_w=False)
         loss, ce, kd, agree = _split_sums(sums, student_hidden.dtype)
-    return LossSums(loss, ce, kd, torch.full((), num_tokens, dtype=torch.long, device=device), agree)
+    return LossSums(loss, ce, kd, num_tokens.to(device), agree)
+
+
+def _valid_positions(labels: torch.Tensor | Targets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(flat positions (n,), their next tokens (n,), their weights (n,) or None for plain labels). With Targets, a
+    position appears once per set that labels it with a nonzero weight."""
+    if isinstance(labels, torch.Tensor):
+        flat = labels.reshape(-1)
+        rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+        return rows, flat[rows], None
+    parts = []
+    for set_labels, row_weights in labels.sets:
+        flat = set_labels.reshape(-1)
+        w = row_weights.double().repeat_interleave(set_labels.shape[-1])
+        rows = ((flat != IGNORE_INDEX) & (w != 0)).nonzero().squeeze(1)
+        parts.append((rows, flat[rows], w[rows]))
+    return tuple(torch.cat(p) for p in zip(*parts, strict=True))

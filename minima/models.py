@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.utils import is_flash_attn_2_available
 
 from minima.config import ConfigError, ModelConfig
+from minima.mixup import Mix, mix_embeddings, mix_positions
 from minima.moe import balance_loss, num_experts, routing_counts
 
 
@@ -127,10 +128,16 @@ def count_params(model: torch.nn.Module, *, active: bool = False) -> int:
 
 
 def last_hidden(
-    lm: PreTrainedModel, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, *, routing: bool = False
+    lm: PreTrainedModel,
+    input_ids: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+    *,
+    inputs_embeds: torch.Tensor | None = None,
+    routing: bool = False,
 ):
     """A causal LM's last hidden states (B, T, H) after its final norm: its decoder alone, no output head touched.
     With ``routing``, also its router logits: one (B * T, E) tensor per MoE layer (a tuple, empty for a dense model).
+    ``inputs_embeds`` (B, T, H) instead of ``input_ids``: the decoder on given input embeddings (MixKD's mixed rows).
 
     Asking the whole model for ``output_hidden_states`` instead would keep every layer's states alive (gigabytes for a
     frozen 7B teacher); calling its forward would multiply (or, under ZeRO-3, fetch) the output head for nothing.
@@ -143,14 +150,17 @@ def last_hidden(
     decoder = lm.get_decoder()
     moe = routing and num_experts(lm.config) > 0
     kwargs = {"use_cache": False, **({"output_router_logits": True} if moe else {})}
+    inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    rows, length = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
     if position_ids is None:
-        out = decoder(input_ids=input_ids, **kwargs)
+        out = decoder(**inputs, **kwargs)
         hidden = out.last_hidden_state
-    elif lm.config._attn_implementation == "flash_attention_2" and input_ids.shape[0] > 1:
-        out = decoder(input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1), **kwargs)
-        hidden = out.last_hidden_state.view(*input_ids.shape, -1)  # router logits: rows already in (B * T) order
+    elif lm.config._attn_implementation == "flash_attention_2" and rows > 1:
+        flat = {k: v.reshape(1, rows * length, *v.shape[2:]) for k, v in inputs.items()}
+        out = decoder(**flat, position_ids=position_ids.reshape(1, -1), **kwargs)
+        hidden = out.last_hidden_state.view(rows, length, -1)  # router logits: rows already in (B * T) order
     else:
-        out = decoder(input_ids=input_ids, position_ids=position_ids, **kwargs)
+        out = decoder(**inputs, position_ids=position_ids, **kwargs)
         hidden = out.last_hidden_state
     if not routing:
         return hidden
@@ -180,8 +190,11 @@ class HiddenStates(torch.nn.Module):
     :meth:`pop_routing`.
 
     ``forward(input_ids, position_ids=None)`` returns the last hidden states (B, T, H) (positions: see
-    :func:`last_hidden`). The chunked loss multiplies the output head itself,
-    a chunk of tokens at a time, so no (B, T, V) logits and no second fetch of the head ever happen. For the student,
+    :func:`last_hidden`). With ``mix`` (MixKD, :class:`minima.mixup.Mix`) both forms run on 2B rows: the B
+    sequences, then their B mixed-up copies, mixed from this model's own input embeddings. With MiniDisc's
+    ``candidates`` installed, ``candidate`` selects the assistant the forward runs as (None: the whole model).
+    The chunked loss multiplies the output head itself, a chunk of tokens at a time, so no (B, T, V) logits and no
+    second fetch of the head ever happen. For the student,
     ``forward(input_ids, head)`` also returns ``head`` (its output embedding, gathered under ZeRO-3 by the caller)
     through a view: every gradient of the step, the head's included, then flows back through the engine's outputs,
     where DeepSpeed's backward hooks start its bookkeeping (the accumulation boundary, ZeRO-Offload's gradient copy,
@@ -193,24 +206,36 @@ class HiddenStates(torch.nn.Module):
         self.lm = lm
         self.top_k = int(getattr(lm.config, "num_experts_per_tok", 1) or 1)
         self.routing: torch.Tensor | None = None  # (L, E + 2) summed routing_counts; not a buffer, not saved
+        self.candidates = None  # MiniDisc's CandidateMasks, installed on .lm (minima.candidates); not saved
 
     def forward(
-        self, input_ids: torch.Tensor, head: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        head: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        mix: Mix | None = None,
+        candidate: int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if head is None:
-            return last_hidden(self.lm, input_ids, position_ids)
-        if head.numel() == 0:
+        if self.candidates is not None:  # stays selected through this forward's backward (recomputation included)
+            self.candidates.select(candidate)
+        if head is not None and head.numel() == 0:
             raise RuntimeError("HiddenStates got a 0-size head: gather it first (minima.engine.gathered) under ZeRO-3")
         # The view is taken before the decoder runs: with tied embeddings the embedding's own ZeRO-3 release after
         # its forward must not take the head away from the loss.
-        head_out = head.view_as(head)
-        hidden, router_logits = last_hidden(self.lm, input_ids, position_ids, routing=True)
+        head_out = None if head is None else head.view_as(head)
+        inputs = {"input_ids": input_ids, "position_ids": position_ids}
+        if mix is not None:  # the embedding module is called here: its ZeRO-3 hooks (and NEFTune's noise) still run
+            embeds = mix_embeddings(self.lm.get_input_embeddings()(input_ids), mix)
+            inputs = {"input_ids": None, "inputs_embeds": embeds, "position_ids": mix_positions(position_ids, mix)}
+        if head is None:
+            return last_hidden(self.lm, **inputs)
+        hidden, router_logits = last_hidden(self.lm, **inputs, routing=True)
         if not router_logits:
-            return hidden, head_out, hidden.new_zeros(input_ids.shape[0], dtype=torch.float32)
+            return hidden, head_out, hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
         if self.training:
             counts = routing_counts(router_logits, self.top_k)
             self.routing = counts if self.routing is None else self.routing + counts
-        return hidden, head_out, balance_loss(router_logits, input_ids.shape[0], self.top_k)
+        return hidden, head_out, balance_loss(router_logits, hidden.shape[0], self.top_k)
 
     def pop_routing(self) -> torch.Tensor | None:
         """The routing statistics summed since the last call (None for a dense model), and start again."""

@@ -510,17 +510,24 @@ def _summary(
 
 
 def write_student(
-    state: dict[str, torch.Tensor], config: PretrainedConfig, teacher_dir: Path, out_dir: Path, summary: dict
+    state: dict[str, torch.Tensor],
+    config: PretrainedConfig,
+    teacher_dir: Path,
+    out_dir: Path,
+    summary: dict,
+    *,
+    record_name: str = "pruning.json",
 ) -> None:
-    """``save_pretrained`` (safetensors) of the student, the teacher's tokenizer files and ``pruning.json``; written
-    to a temporary sibling directory first, so a crash never leaves a half-written checkpoint at ``out_dir``."""
+    """``save_pretrained`` (safetensors) of the student, the teacher's tokenizer files and ``summary`` as
+    ``record_name``; written to a temporary sibling directory first, so a crash never leaves a half-written
+    checkpoint at ``out_dir``."""
     dtype = next(iter(state.values())).dtype
     with torch.device("meta"):  # no memory and no random init for weights that are replaced at once
         student = AutoModelForCausalLM.from_config(config, dtype=dtype)
     student.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         student.tie_weights()
-    save_model_dir(student, teacher_dir, out_dir, "pruning.json", summary)
+    save_model_dir(student, teacher_dir, out_dir, record_name, summary)
 
 
 def save_model_dir(model: torch.nn.Module, source_dir: Path, out_dir: Path, record_name: str, record: dict) -> None:

@@ -193,32 +193,39 @@ def grad_models(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-# (student JSON, accumulation steps, teacher placement, divergence, student): every shipped student configuration,
-# both accumulation settings a recipe produces here, every teacher placement, and an MoE student under ZeRO-3 (untied
-# students under ZeRO-3 are covered by the offload row).
+# (student JSON, accumulation steps, teacher placement, divergence, student, MixKD weight, MiniDisc sandwich): every
+# shipped student configuration, both accumulation settings a recipe produces here, every teacher placement, an MoE
+# student under ZeRO-3 (untied students under ZeRO-3 are covered by the offload row), MixKD micro-batches with tied
+# embeddings (the embedding called by minima's forward, the head gathered around the loss) under ZeRO-3 and ZeRO-2,
+# and a sandwich step over two candidate assistants under ZeRO-3.
 GRAD_MATRIX = [
-    ("zero3", 2, "zero3", "forward_kl", "tied"),
-    ("zero3", 2, "node", "jsd", "moe"),
-    ("zero3_offload", 4, "replicated", "forward_kl", "untied"),
-    ("zero1", 2, "replicated", "forward_kl", "untied"),
-    ("zero2", 4, "zero3", "jsd", "tied"),
+    ("zero3", 2, "zero3", "forward_kl", "tied", 0.5, True),
+    ("zero3", 2, "node", "jsd", "moe", 0.0, False),
+    ("zero3_offload", 4, "replicated", "forward_kl", "untied", 0.0, False),
+    ("zero1", 2, "replicated", "forward_kl", "untied", 0.0, False),
+    ("zero2", 4, "zero3", "jsd", "tied", 1.0, False),
 ]
 
 
-@pytest.mark.parametrize(("student_json", "accum", "placement", "divergence", "student"), GRAD_MATRIX)
-def test_gradients_equal_single_process_full_batch(grad_models, student_json, accum, placement, divergence, student):
+@pytest.mark.parametrize(
+    ("student_json", "accum", "placement", "divergence", "student", "mixup", "candidates"), GRAD_MATRIX
+)
+def test_gradients_equal_single_process_full_batch(
+    grad_models, student_json, accum, placement, divergence, student, mixup, candidates
+):
     """2 ranks x ``accum`` micro-batches with uneven padding, heads gathered for the chunked loss under ZeRO-3: the
     step's gradients (head included, tied or untied) equal those of a single process on the full batch with full
     logits and sum / N, whatever the student's ZeRO stage, CPU offload or the teacher's placement; the teacher's
     hidden states and the loss equal the reference's. An MoE student's gradient includes its per-sequence
     balancing loss, and experts that one rank never routes a token to (while the other does) neither hang ZeRO-3
-    nor change the result."""
+    nor change the result. A MixKD micro-batch's step equals the reference with the mixed terms from full logits;
+    MiniDisc's sandwich step equals the mean of the candidates' losses on the masked plain model."""
     work = grad_models[student]
     name = f"{student_json}_{accum}_{placement}_{divergence}"
     script = REPO / "tests" / "distributed" / "grad_equivalence.py"
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), str(work)]
     cmd += [str(work / f"{student_json}.json"), "--accum", str(accum), "--placement", placement]
-    cmd += ["--divergence", divergence, "--name", name]
+    cmd += ["--divergence", divergence, "--name", name, "--mixup", str(mixup)] + ["--candidates"] * candidates
     proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
     result = json.loads((work / f"{name}.json").read_text())
@@ -227,7 +234,7 @@ def test_gradients_equal_single_process_full_batch(grad_models, student_json, ac
     assert result["teacher"]["node_shard"] == (placement == "node")
     assert result["teacher_hidden_max_abs_err"] < 1e-6, result
     assert result["loss_sum"] == pytest.approx(result["ref_loss_sum"], rel=1e-6)
-    assert result["valid_tokens"] == result["ref_valid_tokens"]
+    assert result["valid_tokens"] == pytest.approx(result["ref_valid_tokens"], rel=1e-12)
     assert result["max_rel_err"] < 1e-5, result
     assert result["grad_norm"] == pytest.approx(result["ref_grad_norm"], rel=1e-6)  # clipping sees the true norm
     assert result["per_micro_batch_mean_rel_err"] > 1e-2, "the batches are too uniform to catch mis-normalisation"
