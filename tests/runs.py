@@ -80,3 +80,14 @@ def launch(
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
+
+
+def tool_main(name: str):
+    """``main(argv)`` of ``tools/<name>.py``, imported in this process (a tool's second and later invocations in a
+    test need not pay for a new interpreter and its imports)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"minima_tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main

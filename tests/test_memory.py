@@ -13,6 +13,7 @@ import torch
 
 from minima.arch import arch_from_hf_config, load_arch
 from minima.memory import GiB, Job, choose, plan, student_activation_bytes
+from tests.runs import tool_main
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -66,32 +67,35 @@ def test_activations_match_what_the_forward_saves(dtype, attention, checkpointin
     assert planned == pytest.approx(measured, rel=0.1), (planned, measured)
 
 
+ENGINE_CASES = [("zero1", "replicated"), ("zero2", "zero3"), ("zero3", "node")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("student_json", "placement"), [("zero1", "replicated"), ("zero2", "zero3"), ("zero3", "node")]
-)
-def test_components_match_the_engines(tmp_path, student_json, placement):
-    """2 ranks of the tiny recipe's shapes: the student's weights, gradient partitions and optimizer states (by ZeRO
-    stage) and the teacher's weights (by placement, hpZ's second shard included) are what the plan says."""
-    for name in (student_json, "zero3_teacher"):
+def test_components_match_the_engines(tmp_path):
+    """2 ranks of the tiny recipe's shapes, for each (student ZeRO stage, teacher placement) of ENGINE_CASES in one
+    launch: the student's weights, gradient partitions and optimizer states (by ZeRO stage) and the teacher's weights
+    (by placement, hpZ's second shard included) are what the plan says."""
+    for name in ("zero1", "zero2", "zero3", "zero3_teacher"):
         ds = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
         if ds["zero_optimization"]["stage"] == 3:
             ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         (tmp_path / ("ds_teacher.json" if name == "zero3_teacher" else f"{name}.json")).write_text(json.dumps(ds))
-    out = tmp_path / "plan.json"
     script = REPO / "tests" / "distributed" / "memory_plan.py"
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), str(out)]
-    cmd += [str(tmp_path / f"{student_json}.json"), placement]
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    cmd += [f"{tmp_path / student_json}.json:{placement}" for student_json, placement in ENGINE_CASES]
     from tests.runs import subprocess_env
 
     proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    result = json.loads(out.read_text())
-    measured, planned = result["measured"], result["planned"]
-    for name in ("student weights", "optimizer states", "teacher weights"):
-        assert planned[name] == pytest.approx(measured[name], rel=0.02), (name, planned[name], measured[name])
-    if "student gradients (partitions)" in measured:
-        assert result["planned_partitions"] == pytest.approx(measured["student gradients (partitions)"], rel=0.02)
+    for student_json, placement in ENGINE_CASES:
+        result = json.loads((tmp_path / f"{student_json}_{placement}.json").read_text())
+        measured, planned = result["measured"], result["planned"]
+        for name in ("student weights", "optimizer states", "teacher weights"):
+            assert planned[name] == pytest.approx(measured[name], rel=0.02), (student_json, placement, name)
+        if "student gradients (partitions)" in measured:
+            partitions = measured["student gradients (partitions)"]
+            assert result["planned_partitions"] == pytest.approx(partitions, rel=0.02), (student_json, placement)
+        assert result["stage"] == int(student_json[-1])
 
 
 def test_llama2_7b_to_3b_fits_8_and_16_gpus_of_80gb():
@@ -150,22 +154,27 @@ def test_offload_and_stages_move_the_student_state():
     assert p1.components["optimizer states"] == p2.components["optimizer states"] == p3.components["optimizer states"]
 
 
-def test_plan_memory_tool(tmp_path):
-    cmd = [sys.executable, str(REPO / "tools" / "plan_memory.py"), "llama2_7b_to_3b", "teacher.path=llama2-7b"]
+def test_plan_memory_tool(tmp_path, capsys):
+    """As a command (once), then its main() in this process for the other cases."""
+    args = ["llama2_7b_to_3b", "teacher.path=llama2-7b"]
+    cmd = [sys.executable, str(REPO / "tools" / "plan_memory.py"), *args, "--gpus", "8", "--gpu-memory", "80GB"]
+    proc = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    main = tool_main("plan_memory")
     for gpus in (8, 16):
-        proc = subprocess.run([*cmd, "--gpus", str(gpus), "--gpu-memory", "80GB", "--json"], capture_output=True,
-                              text=True, timeout=120, cwd=REPO)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        out = json.loads(proc.stdout)
+        if gpus == 8:
+            out = json.loads(proc.stdout)
+        else:
+            assert main([*args, "--gpus", str(gpus), "--gpu-memory", "80GB", "--json"]) == 0
+            out = json.loads(capsys.readouterr().out)
         assert out["placement"] == "replicated" and out["plans"]["replicated"]["fits"]
         assert out["teacher_params"] == 6738415616
         assert set(out["plans"]) == ({"replicated", "zero3"} if gpus == 8 else {"replicated", "node", "zero3"})
-    table = subprocess.run([*cmd, "--gpus", "8", "--gpu-memory", "24GB", "run.activation_checkpointing=false"],
-                           capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
-    assert table.returncode == 1 and "does not fit; each of these would" in table.stdout
-    assert "teacher.placement -> zero3" in table.stdout
-    bad = subprocess.run([*cmd[:3], "--gpus", "8"], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert bad.returncode == 2 and "teacher.path" in bad.stderr
+    assert main([*args, "--gpus", "8", "--gpu-memory", "24GB", "run.activation_checkpointing=false"]) == 1
+    table = capsys.readouterr().out
+    assert "does not fit; each of these would" in table and "teacher.placement -> zero3" in table
+    assert main(["llama2_7b_to_3b", "--gpus", "8"]) == 2
+    assert "teacher.path" in capsys.readouterr().err
 
 
 @pytest.mark.slow

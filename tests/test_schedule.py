@@ -12,9 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from minima.candidates import shape_at
+from minima.dist import World
 from minima.importance import Shape
 from minima.law import read_assistants, select_assistant
-from minima.schedule import ScheduleError, relative, round_sparsities, student_sparsity
+from minima.schedule import Options, ScheduleError, relative, round_sparsities, schedule, student_sparsity
 from minima.shards import TokenShards
 from tests.runs import BIN, REPO, subprocess_env
 
@@ -73,24 +74,20 @@ def test_a_round_trains_scores_chooses_and_slices(tiny_prepared_data, tmp_path):
     student = tmp_path / "student"
     llama_config(tiny_prepared_data, STUDENT).save_pretrained(student)
     out = tmp_path / "out"
-    cmd = [
-        str(BIN / "python"),
-        str(REPO / "tools" / "schedule_assistant.py"),
-        "tiny_cpu",
-        f"data.dir={tiny_prepared_data}",
+    overrides = [f"data.dir={tiny_prepared_data}", "data.seq_len=64", "run.micro_batch_size=2"]
+    overrides += [
+        "run.tokens_per_step=128",
+        "run.max_steps=2",
+        "run.eval_tokens=128",
+        "run.ds_config=ds_configs/zero2.json",
     ]
-    cmd += ["data.seq_len=64", "run.micro_batch_size=2", "run.tokens_per_step=128", "run.max_steps=2"]
-    cmd += ["run.eval_tokens=128", "run.ds_config=ds_configs/zero2.json", "--teacher", str(teacher)]
-    cmd += ["--student", str(student), "--out", str(out), "--lam", "0.05", "--sparsities", "0.25,0.4"]
-    cmd += ["--calib-windows", "4", "--dev-windows", "8"]
-
-    def run() -> dict:
-        proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        assert "<- chosen" in proc.stderr  # the table is printed
-        return json.loads((out / "schedule.json").read_text())
-
-    result = run()
+    cmd = [str(BIN / "python"), str(REPO / "tools" / "schedule_assistant.py"), "tiny_cpu", *overrides]
+    cmd += ["--teacher", str(teacher), "--student", str(student), "--out", str(out), "--lam", "0.05"]
+    cmd += ["--sparsities", "0.25,0.4", "--calib-windows", "4", "--dev-windows", "8"]
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "<- chosen" in proc.stderr  # the table is printed
+    result = json.loads((out / "schedule.json").read_text())
     (record,) = result["rounds"]
     s_student = student_sparsity(teacher, student)
     assert [r["sparsity"] for r in record["table"]] == pytest.approx([0.25, 0.4, s_student])
@@ -109,6 +106,9 @@ def test_a_round_trains_scores_chooses_and_slices(tiny_prepared_data, tmp_path):
         assert record["assistant"] is None and not (round_dir / "assistant").exists()
     ranked = select_assistant(read_assistants(round_dir / "assistants.csv"), lam=0.05)
     assert len(ranked) == 3
+    # Run again (in this process: a finished round builds nothing): the round is read back, not run again.
     done = (round_dir / "round.json").stat().st_mtime_ns
-    assert run()["rounds"][0] == json.loads((round_dir / "round.json").read_text())  # the round is done: read back
+    again = Options(recipe="tiny_cpu", overrides=tuple(overrides), teacher=teacher, student=str(student), out_dir=out)
+    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert schedule(again, world)["rounds"][0] == json.loads((round_dir / "round.json").read_text())
     assert (round_dir / "round.json").stat().st_mtime_ns == done

@@ -1,11 +1,12 @@
 """The memory plan's components against what the engines really hold, on 2 ranks of the tiny recipe's shapes.
 
-    torchrun --standalone --nproc_per_node 2 tests/distributed/memory_plan.py OUT.json STUDENT_JSON PLACEMENT
+    torchrun --standalone --nproc_per_node 2 tests/distributed/memory_plan.py OUT_DIR STUDENT_JSON:PLACEMENT ...
 
 Builds the teacher and the student through minima.engine as a run does (ZeRO-3 JSONs with persistence threshold 0),
 runs one step of minima.distill.train_step, and measures on rank 0: the student's weight shard, its fp32 gradient
 partitions, the optimizer's fp32 master weights and Adam moments and the teacher's weights (its hpZ second shard
-included). Writes them beside the plan's figures. (Activations are checked in one process: tests/test_memory.py.)
+included). Writes them beside the plan's figures, to OUT_DIR/<student json stem>_<placement>.json, for each
+configuration in turn (one launch for all). (Activations are checked in one process: tests/test_memory.py.)
 """
 
 import json
@@ -28,8 +29,16 @@ def tensor_bytes(tensors) -> int:
 
 
 def main() -> None:
-    out, student_json, placement = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    out_dir = Path(sys.argv[1])
     world = init_world()
+    for spec in sys.argv[2:]:
+        student_json, placement = spec.rsplit(":", 1)
+        measure(world, out_dir / f"{Path(student_json).stem}_{placement}.json", student_json, placement)
+    shutdown()
+
+
+def measure(world, out: Path, student_json: str, placement: str) -> None:
+    """One configuration: build both engines, run a step, write the measured and the planned components."""
     from minima import engine as ds
     from minima.arch import arch_from_hf_config
     from minima.config import derive, load_config, load_ds_config
@@ -123,7 +132,6 @@ def main() -> None:
                 indent=2,
             )
         )
-    shutdown()
 
 
 if __name__ == "__main__":
