@@ -22,7 +22,7 @@ from minima.chat_data import pack_windows, prepare_chat
 from minima.data import TokenWindowLoader, count_windows, eval_batches
 from minima.prepare import split_documents
 from minima.shards import FLAG_LABEL, FLAG_START, IGNORE_INDEX, DataError, TokenShards
-from tests.runs import REPO
+from tests.runs import REPO, tool_main
 
 SEQ = 128
 SHARD_WINDOWS = 3  # shard_tokens = 3 * SEQ + 50: three windows per shard
@@ -400,7 +400,7 @@ def test_loader_resumes_mid_epoch_on_chat_shards(prepared) -> None:
             assert torch.equal(getattr(got, key), getattr(want, key)), key
 
 
-def test_cli(chat_inputs, tiny_tokenizer_dir: Path, tmp_path: Path, datasets_cache: Path) -> None:
+def test_cli(chat_inputs, tiny_tokenizer_dir: Path, tmp_path: Path, datasets_cache: Path, capsys, monkeypatch) -> None:
     root, _ = chat_inputs
     env = {**os.environ, "HF_DATASETS_CACHE": str(datasets_cache), "TOKENIZERS_PARALLELISM": "false"}
     out = tmp_path / "out"
@@ -414,9 +414,8 @@ def test_cli(chat_inputs, tiny_tokenizer_dir: Path, tmp_path: Path, datasets_cac
     assert summary["train"]["windows"] == summary["train"]["conversations"] and summary["pack"] is False
     assert TokenShards.open(out / "train").packed_seq_len == SEQ
     path, _ = bad_file(tmp_path)
-    cmd = [sys.executable, "tools/prepare_chat.py", "--input", str(path), "--tokenizer", str(tiny_tokenizer_dir),
-           "--out", str(tmp_path / "o2"), "--seq-len", str(SEQ)]  # fmt: skip
-    bad = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2, bad.stderr
-    error = bad.stderr.strip().splitlines()[-1]
+    args = ["--input", str(path), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(tmp_path / "o2")]
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(datasets_cache))
+    assert tool_main("prepare_chat")([*args, "--seq-len", str(SEQ)]) == 2  # in this process: no second interpreter
+    error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"error: {path}:4: invalid JSON") and "--skip-bad-lines" in error

@@ -198,12 +198,11 @@ def test_cli_prints_the_table_for_llama2_7b():
     assert "caveats:" in out
 
 
-def test_cli_json_derivation_write_config_and_plot(tmp_path):
+def test_cli_json_derivation_write_config_and_plot(tool, tmp_path, capsys):
     config_dir, png = tmp_path / "student", tmp_path / "law.png"
     args = ["--teacher", "llama2-7b", "--derivation", "uniform", "--json", "--pick", "2"]
-    proc = run_cli(*args, "--write-config", str(config_dir), "--plot", str(png))
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    assert tool.main([*args, "--write-config", str(config_dir), "--plot", str(png)]) == 0
+    out = json.loads(capsys.readouterr().out)
     assert out["teacher"]["total_params"] == 6738415616 and out["optimal_student"]["form"] == "affine"
     rows = out["candidates"]
     assert rows and all(r["derivation"].startswith("uniform ") for r in rows)
@@ -226,10 +225,10 @@ def test_cli_json_derivation_write_config_and_plot(tmp_path):
     assert png.read_bytes()[:8] == PNG_SIGNATURE and out["plot"] == str(png)
 
 
-def test_cli_bad_preset_exits_2_naming_it():
-    proc = run_cli("--teacher", "llama2-7")
-    assert proc.returncode == 2
-    assert "'llama2-7' is neither a preset" in proc.stderr and "llama2-7b" in proc.stderr
+def test_cli_bad_preset_exits_2_naming_it(tool, capsys):
+    assert tool.main(["--teacher", "llama2-7"]) == 2
+    err = capsys.readouterr().err
+    assert "'llama2-7' is neither a preset" in err and "llama2-7b" in err
 
 
 def test_cli_in_process_errors_and_counts(tool, tmp_path, capsys):
