@@ -371,7 +371,8 @@ def read_assistants(path: str | Path) -> list[tuple[str, float, float]]:
 
 
 def select_assistant(candidates: list[tuple[str, float, float]], lam: float = 0.2) -> list[AssistantScore]:
-    """MiniDisc's lambda-tradeoff ``score + lam * (1 - scale)`` per assistant, best first (ties: the smaller one).
+    """MiniDisc's lambda-tradeoff ``score + lam * (1 - scale)`` per assistant, best first (ties: the larger one, as
+    in the official code and ``minima.candidates.tradeoff_select``: the safer step from the teacher).
 
     A larger ``lam`` favours smaller assistants; ``lam = 0`` picks the best dev score. The score and lambda share a
     unit: with scores in percent, multiply lambda by 100.
@@ -379,7 +380,7 @@ def select_assistant(candidates: list[tuple[str, float, float]], lam: float = 0.
     if not (math.isfinite(lam) and lam >= 0):
         raise LawError(f"lambda must be a finite number >= 0, got {lam}")
     scored = [AssistantScore(n, s, v, v + lam * (1 - s)) for n, s, v in candidates]
-    return sorted(scored, key=lambda a: (-a.tradeoff, a.scale))
+    return sorted(scored, key=lambda a: (-round(a.tradeoff, 9), -a.scale))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -369,3 +369,10 @@ def test_cli_count_total_and_active_differ_for_an_moe_teacher(tool, tmp_path, ca
         with pytest.raises(SystemExit):
             tool.main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_assistant_ties_go_to_the_larger_assistant():
+    """As in minima.candidates.tradeoff_select (and MiniDisc's code): equal tradeoffs, up to float rounding, rank the
+    larger assistant first."""
+    ranked = select_assistant([("small", 0.5, 0.6), ("large", 0.7, 0.64), ("worse", 0.9, 0.4)], lam=0.2)
+    assert [a.name for a in ranked] == ["large", "small", "worse"]  # 0.6 + 0.1 == 0.64 + 0.06 (not in floats)
