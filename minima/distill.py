@@ -14,7 +14,10 @@ are its usual settings.
 At start: the inputs are checked, the memory plan printed (it places the teacher under ``auto``), both engines built.
 The step, top to bottom: draw the step's micro-batches; count their valid tokens over all ranks; for each micro-batch,
 teacher forward under no_grad, student forward, loss sums, backward scaled once by the global count, engine step;
-then log, evaluate, checkpoint. At the end: evaluation, a final checkpoint and the Hugging Face export.
+then log, evaluate, checkpoint. At the end: evaluation, a final checkpoint and the Hugging Face export. Two methods
+are batch fields of that step: MixKD (``kd.mixup.*``: ``Batch.mix``, mixed copies of a micro-batch, ``minima.mixup``)
+and MiniDisc's sandwich (``Batch.candidate``: each micro-batch once per candidate assistant, ``minima.candidates``,
+driven by ``tools/schedule_assistant.py``).
 
 Stopping early (pre-emption, time limits): SIGUSR1, SIGTERM, SIGINT or SIGHUP on any rank, or a file named STOP in
 run.out_dir, make the job finish the optimizer step it is in, skip a due evaluation, save a checkpoint with the data

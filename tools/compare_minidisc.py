@@ -14,7 +14,7 @@ layer kept, MiniMA's per-axis rule, ``minima.candidates``) trained for the same 
 - **MiniDisc's**: one round of ``tools/schedule_assistant.py`` (candidates at ``--sparsities`` and at the student's
   size, sandwich-trained together, scored by next-token accuracy on the held-out split, chosen by
   ``accuracy + lam * sparsity``);
-- **the law's**: ``tools/pick_student_size.py``'s chain between teacher and student (``minima.law``) gives the
+- **the law's**: the first assistant of ``tools/pick_student_size.py``'s chain (``minima.law``) gives the
   assistant's size; the candidate nearest that size is pruned from the teacher and distilled from it alone.
 
 The three students start from one random initialisation (the same seed) and see the same tokens in the same order
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     record = json.loads((schedule_dir / "round1" / "round.json").read_text())
     minidisc_ta = Path(record["assistant"]) if record["assistant"] else None
 
-    # The law's chain: its assistant's size, as the nearest width pruning, distilled from the teacher alone.
+    # The law's chain: its first assistant's size, as the nearest width pruning, distilled from the teacher alone.
     chain = assistant_chain(teacher_params, student_params, PUBLISHED_LAW)
     law_ta, law_sparsity = None, None
     if chain.assistants:
