@@ -202,3 +202,25 @@ def test_mixed_step_equals_full_logits_reference(packed):
     (total / count).backward()
     for name, param in student.module.lm.named_parameters():
         assert torch.allclose(got[name], param.grad, rtol=1e-6, atol=1e-6 * float(param.grad.abs().max())), name
+
+
+def test_mixed_step_of_an_moe_student_weighs_each_row_balancing_loss_by_its_tokens():
+    """An MoE student's per-sequence balancing loss covers the 2B rows of a mixed micro-batch, each weighted by its
+    weighted valid tokens, like the other sums."""
+    from minima.moe import balance_loss
+    from tests.test_distill import tiny_moe_student
+
+    torch.manual_seed(0)
+    student = Engine(tiny_moe_student(vocab=VOCAB))  # fp32: the grouped expert matmul has no fp64 kernel
+    mb = dataclasses.replace(batch(seed=0), mix=Mix(torch.tensor([1, 2, 3, 0]), 0.3))
+    kd = dataclasses.replace(KD, balance_weight=0.5, mixup=MixupConfig(enabled=True, weight=0.6))
+    sums = train_step(student, None, [mb], kd, vocab_size=VOCAB, world=WORLD, compiled=False)
+    with torch.no_grad():
+        lm = student.module.lm
+        embeds = lm.get_input_embeddings()(mb.input_ids)
+        mixed = torch.cat([embeds, 0.3 * embeds + 0.7 * embeds[mb.mix.partner]])
+        router = lm.model(inputs_embeds=mixed, output_router_logits=True, use_cache=False).router_logits
+        per_row = balance_loss(router, mixed.shape[0], 1)
+    weights = row_tokens(mixed_targets(mb.labels, mb.mix, 0.6))
+    assert float(sums[5]) == pytest.approx(float((per_row.double() * weights).sum()), rel=1e-5)
+    assert float(sums[4]) == pytest.approx(1.6 * float((mb.labels != IGNORE_INDEX).sum()))
