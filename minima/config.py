@@ -262,6 +262,10 @@ class RunConfig:
     seed: int = 0
     """Seed of model initialisation."""
 
+    def uses_bf16(self, device_type: str) -> bool:
+        """Whether ``precision`` means bf16 on a device of this type (``auto``: on GPUs)."""
+        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
+
     def __post_init__(self) -> None:
         for name in ("tokens_per_step", "micro_batch_size", "log_every", "keep_last"):
             _positive(f"run.{name}", getattr(self, name))

@@ -132,7 +132,7 @@ def _train(cfg: Config, world: World, stop: _StopFlag, *, dry_run: bool, candida
         pin_memory=world.device.type == "cuda",
     )
     tokenizer_dir, vocab_len = Path(cfg.data.dir) / "tokenizer", sources[0].shards.vocab_size
-    bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and world.device.type == "cuda")
+    bf16 = cfg.run.uses_bf16(world.device.type)
     dtype = torch.bfloat16 if bf16 else torch.float32
     attn = choose_attn_implementation(cfg.run.attn_implementation, world.device)
     compiled = cfg.kd.compile == "always" or (cfg.kd.compile == "auto" and world.device.type == "cuda")
@@ -482,13 +482,14 @@ def train_step(
     sums = torch.zeros(6, dtype=torch.float64, device=world.device)
     teacher_hidden, previous = None, None
     for mb, target, valid in zip(micro_batches, targets, row_valid, strict=True):
-        input_ids = _to_device(mb.input_ids, world.device)
-        positions = None if mb.position_ids is None else _to_device(mb.position_ids, world.device)  # packed chats
-        # With a mix, each model runs 2B rows: the originals, then its own mixed embeddings. A sandwich repeats each
-        # micro-batch once per candidate, and its one teacher forward serves them all.
-        if teacher is not None and mb.input_ids is not previous:
-            with torch.no_grad():
-                teacher_hidden = teacher(input_ids, position_ids=positions, mix=mb.mix)  # (B, T, H_t): decoder only
+        # A sandwich repeats each micro-batch once per candidate: one copy to the device and one teacher forward
+        # serve them all. With a mix, each model runs 2B rows: the originals, then its own mixed embeddings.
+        if mb.input_ids is not previous:
+            input_ids = _to_device(mb.input_ids, world.device)
+            positions = None if mb.position_ids is None else _to_device(mb.position_ids, world.device)  # packed chats
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_hidden = teacher(input_ids, position_ids=positions, mix=mb.mix)  # (B, T, H_t), decoder
         previous = mb.input_ids
         # The student engine returns its hidden states and its head (whole inside the block under ZeRO-3), so every
         # gradient, the head's included, flows back through the engine's outputs. The loss never holds more than

@@ -69,16 +69,12 @@ class Targets:
 
     sets: tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
-    def row_tokens(self) -> torch.Tensor:
-        """(R,) float64: each row's valid positions, counted with their weights (what the loss sums over)."""
-        return sum((labels != IGNORE_INDEX).sum(dim=1).double() * w.double() for labels, w in self.sets)
-
 
 def row_tokens(labels: torch.Tensor | Targets) -> torch.Tensor:
-    """(R,) float64 valid positions per row of ``labels`` (B, T), or of weighted :class:`Targets`."""
-    if isinstance(labels, Targets):
-        return labels.row_tokens()
-    return (labels != IGNORE_INDEX).sum(dim=1).double()
+    """(R,) float64 valid positions per row of ``labels`` (B, T), or of weighted :class:`Targets` (each counted with
+    its weight: what the loss sums over)."""
+    sets = labels.sets if isinstance(labels, Targets) else ((labels, None),)
+    return sum((y != IGNORE_INDEX).sum(dim=1).double() * (1.0 if w is None else w.double()) for y, w in sets)
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,7 @@ def frozen_model(cfg: Config, model_dir: Path, world: World):
     from minima import engine as ds
     from minima.config import ModelConfig
 
-    bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and world.device.type == "cuda")
+    bf16 = cfg.run.uses_bf16(world.device.type)
     placement = "zero3" if world.world_size > 1 else "replicated"
     base = load_ds_config(cfg.run.teacher_ds_config, "run.teacher_ds_config")
     ds_config = ds.teacher_ds_config(
