@@ -6,12 +6,14 @@ single ``python -m`` process, for which it sets up a world of one itself; ``mini
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -72,6 +74,31 @@ def init_world() -> World:
     return World(
         rank=rank, world_size=world_size, local_rank=local_rank, device=device, local_world_size=ranks.local_world_size
     )
+
+
+def init_deepspeed_comm() -> None:
+    """Wrap the process group in ``deepspeed.comm`` (``zero.Init`` reads the world size from it); idempotent.
+
+    On CPU, DeepSpeed's shared-memory all-reduce creates one 66 MiB segment per rank in /dev/shm and never removes
+    it, so every run would leave its segments behind (gigabytes over a test suite, until /dev/shm is full). Every rank
+    has mapped all of its peers' segments when the init returns; after a barrier each rank removes its own name, and
+    the mappings live on until the process ends, however it ends.
+    """
+    import deepspeed
+
+    if deepspeed.comm.is_initialized():
+        return
+    deepspeed.init_distributed()
+    if not torch.cuda.is_available():
+        barrier()
+        with contextlib.suppress(FileNotFoundError):
+            shm_segment(dist.get_rank()).unlink()
+
+
+def shm_segment(rank: int) -> Path:
+    """Where DeepSpeed's CPU all-reduce keeps ``rank``'s segment of this job (named by uid, master address and port)."""
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}"
+    return Path("/dev/shm") / f"{name}_{os.environ.get('MASTER_PORT', '')}_{rank}"
 
 
 def all_reduce_sum(values: list[float | int] | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -32,6 +32,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from minima.config import Config, ConfigError, Derived, ModelConfig
+from minima.dist import init_deepspeed_comm
 from minima.files import apply_umask
 from minima.models import HiddenStates, build_model, has_weights
 from minima.moe import moe_blocks, unused_shared_experts
@@ -122,8 +123,7 @@ def load_model(
     else whole, straight onto ``device``."""
     # zero.Init reads the world size from deepspeed.comm while checking the batch keys, before it would initialise
     # deepspeed.comm itself; wrap the process group that minima.dist created first, or it assumes a world of one.
-    if not deepspeed.comm.is_initialized():
-        deepspeed.init_distributed()
+    init_deepspeed_comm()
     if zero_stage(ds_config) != 3:
         built = build_model(model, config, dtype=dtype, attn_implementation=attn_implementation, device=device)
     else:

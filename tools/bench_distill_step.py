@@ -345,11 +345,11 @@ def build_reference(cfg, student_hf, teacher_hf, ds_config, load, world, timers)
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    from minima.dist import init_deepspeed_comm
     from minima.optim import param_groups
 
     kwargs = {"dtype": load["dtype"], "attn_implementation": load["attn_implementation"]}
-    if not deepspeed.comm.is_initialized():
-        deepspeed.init_distributed()  # wraps the process group: zero.Init then sees the real world size
+    init_deepspeed_comm()  # wraps the process group: zero.Init then sees the real world size
     hf_ds = HfDeepSpeedConfig(ds_config)
     t_model = AutoModelForCausalLM.from_config(teacher_hf, **kwargs)
     s_model = AutoModelForCausalLM.from_config(student_hf, **kwargs)

@@ -24,7 +24,7 @@ import torch
 from minima.candidates import CandidateMasks, attach_candidates, candidate_plans, sandwich
 from minima.config import KDConfig, MixupConfig
 from minima.data import Batch
-from minima.dist import all_reduce_sum, init_world, shutdown
+from minima.dist import all_reduce_sum, init_world, shm_segment, shutdown
 from minima.importance import Importance, Shape
 from minima.mixup import Mix
 from minima.shards import IGNORE_INDEX
@@ -232,6 +232,7 @@ def main() -> None:
             "ref_grad_norm": ref_norm,
             "valid_tokens": float(total[4]),
             "ref_valid_tokens": count,
+            "shm_segments_left": [str(p) for r in range(world.world_size) if (p := shm_segment(r)).exists()],
         }
         if moe:  # (rank, layer, expert) token counts: experts one rank never used while the other did
             experts = by_rank[..., :-2]
