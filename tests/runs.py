@@ -28,13 +28,16 @@ TEACHER_ARCH = (
 )
 
 
-def subprocess_env() -> dict[str, str]:
-    """One thread per rank (2 ranks on 2 cores), the CPU accelerator, and this virtualenv's tools first on PATH.
+def subprocess_env(gpu: bool = False) -> dict[str, str]:
+    """One thread per rank (2 ranks on 2 cores), and this virtualenv's tools first on PATH; unless ``gpu``, the CPU
+    accelerator with any GPU hidden, so that the CPU tests run the same on a GPU machine.
 
-    The last matters: DeepSpeed JIT-builds a C++ op with whichever `ninja` PATH finds first, and two ninja versions
+    PATH matters: DeepSpeed JIT-builds a C++ op with whichever `ninja` PATH finds first, and two ninja versions
     hash the same build command differently, so alternating between them rebuilds the op (~30 s) every time.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if not gpu:
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
     return env
 
@@ -62,10 +65,12 @@ def launch(
     timeout: int = 300,
     background: bool = False,
     launcher_args=(),
+    gpu: bool = False,
 ):
-    """Start minima.distill under a real launcher (torchrun, deepspeed, or a plain python process); in the
-    background, in a session of its own (so that a test can signal the whole process group, as SLURM does)."""
-    env = subprocess_env()
+    """Start minima.distill under a real launcher (torchrun, deepspeed, or a plain python process), on the CPU unless
+    ``gpu``; in the background, in a session of its own (so that a test can signal the whole process group, as SLURM
+    does)."""
+    env = subprocess_env(gpu)
     cmd = distill_cmd(args, launcher=launcher, nproc=nproc, launcher_args=launcher_args)
     if background:
         return subprocess.Popen(

@@ -427,7 +427,7 @@ def test_gpu_smoke_bf16(tiny_prepared_data, tmp_path):
         "run.max_steps=10",
         f"run.out_dir={out}",
     ]
-    launch(args, launcher="torchrun", nproc=1)
+    launch(args, launcher="torchrun", nproc=1, gpu=True)
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["runtime"]["dtype"] == "torch.bfloat16"
     metrics = json.loads((out / "metrics.json").read_text())

@@ -8,14 +8,11 @@ prepared data shows that the pruned initialisation is worth having; a 2-rank ZeR
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,9 +26,7 @@ from minima.data import TokenWindowLoader, eval_batches
 from minima.importance import Shape, accumulate_importance, calibration_batches
 from minima.prune import PruneError, prune_to_student, select_layers
 from minima.shards import IGNORE_INDEX, DataError, TokenShards
-
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+from tests.runs import BIN, REPO, subprocess_env, tool_main
 
 VOCAB = 1024  # the tiny tokenizer's
 CALIB = {"seq_len": 32, "calib_windows": 8, "batch_size": 4, "device": "cpu"}  # 256 calibration tokens
@@ -39,10 +34,7 @@ CALIB = {"seq_len": 32, "calib_windows": 8, "batch_size": 4, "device": "cpu"}  #
 
 def cli_main(argv: list[str]) -> int:
     """``tools/prune_to_student.py``'s ``main`` in-process (a subprocess costs seconds of imports)."""
-    spec = importlib.util.spec_from_file_location("prune_to_student_tool", REPO / "tools" / "prune_to_student.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return tool_main("prune_to_student")(argv)
 
 
 def save_teacher(path: Path, config, *, seed: int = 0, edit: Callable | None = None, dtype=torch.float32) -> Path:
@@ -439,8 +431,7 @@ def test_zero3_two_ranks_equal_single_process(gqa_teacher, tiny_prepared_data, t
         f"--calib={tiny_prepared_data / 'train'}",
         f"--ds-config={tmp_path / 'ds.json'}",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # the virtualenv's ninja for DeepSpeed's JIT-built comm op
+    env = subprocess_env()
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "tools/prune_to_student.py", "--zero3"]
     proc = subprocess.run(
         [*cmd, *args, f"--out={tmp_path / 'zero3'}"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300

@@ -481,6 +481,11 @@ def main(argv: list[str] | None = None) -> int:
         args.case = args.worker
         worker(args)
         return 0
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda, but torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
     cases = [c for c in args.cases.split(",") if c]
     unknown = sorted(set(cases) - set(CASES))
     if unknown:

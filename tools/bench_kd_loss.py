@@ -158,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_case(args)))
         return 0
 
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda, but torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
     cases = [c for c in args.cases.split(",") if c]
     try:
         import liger_kernel  # noqa: F401
@@ -193,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['case']:<18}{r['median_ms']:>12.1f}{r['peak_extra_gb']:>16.3f}{t_ratio:>14}{m_ratio:>16}")
     if args.json:
         Path(args.json).write_text(json.dumps({"shape": shape, "results": results}, indent=2))
-    return 0
+    return 1 if all("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":
