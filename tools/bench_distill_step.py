@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            parser.error("--device cuda, but torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
+            parser.error("--device cuda: torch sees no CUDA GPU here; use --device cpu, or run on a GPU machine")
     cases = [c for c in args.cases.split(",") if c]
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
